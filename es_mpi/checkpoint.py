@@ -14,6 +14,7 @@ its final name.  A kill -9 mid-write leaves only a `.tmp-*` file, which
 """
 from __future__ import annotations
 
+import io
 import os
 import re
 from pathlib import Path
@@ -36,14 +37,26 @@ def path_for(run_dir: str | Path, generation: int) -> Path:
 
 def save(run_dir: str | Path, generation: int, weights: Mapping[str, np.ndarray],
          optimizer: Mapping[str, np.ndarray], attrs: Mapping[str, Any]) -> Path:
-    final = path_for(run_dir, generation)
+    return write(path_for(run_dir, generation), generation, weights, optimizer, attrs)
+
+
+def write(final: str | Path, generation: int, weights: Mapping[str, np.ndarray],
+          optimizer: Mapping[str, np.ndarray], attrs: Mapping[str, Any]) -> Path:
+    """Atomically write a checkpoint file at any path (`es-mpi replay --out`)."""
+    final = Path(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"{final.parent}: cannot create checkpoint folder ({e.strerror})") from None
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    # The HDF5 file is built in memory, then written with plain file I/O: a
+    # full disk, a quota or a file-size limit then fails here with a clean
+    # OSError.  HDF5 (2.0) itself, when a write fails under it, can leave the
+    # file in a state where closing it crashes the process.  Costs a second
+    # copy of the checkpoint in rank 0's memory while it is written.
+    image = io.BytesIO()
     try:
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(image, "w") as f:
             f.attrs["kind"] = KIND
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.attrs["es_mpi_version"] = __version__
@@ -58,11 +71,10 @@ def save(run_dir: str | Path, generation: int, weights: Mapping[str, np.ndarray]
             for key, arr in optimizer.items():
                 o.create_dataset(key, data=arr)
             f.attrs["complete"] = 1  # written last: a file without it is never trusted
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with open(tmp, "wb") as fh, image.getbuffer() as view:
+            fh.write(view)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, final)
         dfd = os.open(final.parent, os.O_RDONLY)
         try:
@@ -74,8 +86,11 @@ def save(run_dir: str | Path, generation: int, weights: Mapping[str, np.ndarray]
             tmp.unlink()
         except OSError:
             pass
-        raise UserError(f"{final}: checkpoint write failed ({e.strerror or e}); "
+        why = e.strerror or str(e).splitlines()[0]
+        raise UserError(f"{final}: checkpoint write failed ({why}); "
                         "the previous checkpoint is intact") from None
+    finally:
+        image.close()
     return final
 
 

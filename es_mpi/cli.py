@@ -25,6 +25,12 @@ def _fail(comm, exc: Exception, collective: bool) -> None:
     if collective or comm is None or comm.size == 1:
         if comm is None or comm.is_root or not collective:
             click.echo(f"es-mpi: error: {exc}", err=True)
+        if getattr(exc, "hard_exit", False):
+            # e.g. a failed log write: HDF5 may crash while closing that file at
+            # interpreter exit, which would turn this clean exit into a segfault.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
         sys.exit(code)
     click.echo(f"es-mpi: error (rank {comm.rank}): {exc}", err=True)
     comm.abort(code)
@@ -70,6 +76,7 @@ def train(config_path, overrides, run_dir, resume, force):
     from .rundir import setup_logging
 
     comm = comm_mod.init()
+    comm_mod.catch_stop_signals()  # a stop signal during set-up stops after the first generation
     setup_logging(comm)
     box = [comm, True]
 
@@ -80,6 +87,9 @@ def train(config_path, overrides, run_dir, resume, force):
         if resume and config_path is None and (Path(run_dir) / "config.yaml").is_file():
             path = Path(run_dir) / "config.yaml"
         cfg = comm.agree(lambda: config_mod.load(path, overrides))
+        if comm.size > cfg.es.population:  # checked here too, so it fails before anything heavy loads
+            raise UserError(f"es.population: {cfg.es.population} members cannot be spread over {comm.size} "
+                            "ranks (more ranks than members)")
         rd = run_dir
         if rd is None:
             stem = Path(path).stem if path else "run"
@@ -92,6 +102,67 @@ def train(config_path, overrides, run_dir, resume, force):
 
     code = _run(body, box)
     sys.exit(code or 0)
+
+
+@main.command("eval")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="YAML config (default: configs/demo.yaml).")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a config key.")
+@click.option("--checkpoint", "ckpt", type=click.Path(dir_okay=False), default=None,
+              help="Score these weights (an es-mpi checkpoint) instead of the base model.")
+@click.option("--model", "model_path", default=None, help="Score this model instead (sets model.path).")
+@click.option("--split", default="heldout", show_default=True, help="heldout or train.")
+@click.option("--limit", default=0, type=click.IntRange(min=0), help="First N prompts only (0: all).")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None, help="Per-prompt JSONL.")
+def eval_cmd(config_path, overrides, ckpt, model_path, split, limit, out_path):
+    """Greedy-decode and score a task split, sharded over the MPI ranks."""
+    from . import comm as comm_mod
+    from . import config as config_mod
+    from .rundir import setup_logging
+
+    comm = comm_mod.init()
+    setup_logging(comm)
+    box = [comm, True]
+
+    def body():
+        sets = list(overrides) + ([f"model.path={model_path}"] if model_path else [])
+        cfg = comm.agree(lambda: config_mod.load(config_path or _default_config(), sets))
+        from .evaluate import run_eval
+
+        run_eval(cfg, comm, split, limit, out_path, ckpt)
+
+    _run(body, box)
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="YAML config (default: configs/demo.yaml).")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a config key.")
+@click.option("--generations", default=1, type=click.IntRange(min=1), show_default=True,
+              help="Generations timed in each phase.")
+@click.option("--compare-ranks", is_flag=True, help="Also run the same generations on one rank.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write figures here.")
+def bench(config_path, overrides, generations, compare_ranks, json_path):
+    """ES generations against pure inference on the same work (run on 1+ ranks)."""
+    from . import comm as comm_mod
+    from . import config as config_mod
+    from .rundir import setup_logging
+
+    comm = comm_mod.init()
+    setup_logging(comm)
+    box = [comm, True]
+
+    def body():
+        cfg = comm.agree(lambda: config_mod.load(config_path or _default_config(), overrides))
+        from .bench import format_table, run_bench, write_json
+
+        res = run_bench(cfg, comm, generations, compare_ranks)
+        if comm.is_root:
+            click.echo(format_table(res))
+            if json_path:
+                write_json(json_path, res)
+
+    _run(body, box)
 
 
 @main.command()
@@ -107,6 +178,50 @@ def score(task_name, input_path, output_path, options):
 
     def body():
         score_file(task_name, input_path, output_path, options)
+
+    _run(body, [None, True])
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--generation", "-g", required=True, type=int, help="Generations done (0: the base model).")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="Checkpoint file to write (not overwritten).")
+def replay(run_dir, generation, out_path):
+    """Rebuild the weights after G generations from the base model and log.h5 (serial, no checkpoint)."""
+    from .replay import replay as do_replay
+
+    def body():
+        res = do_replay(run_dir, generation, out_path)
+        click.echo(f"replayed {res['generation']} generation(s) -> {res['path']} (digest {res['digest']})")
+
+    _run(body, [None, True])
+
+
+@main.command()
+@click.argument("ckpt", metavar="CHECKPOINT", type=click.Path())
+@click.option("--out", "out_path", required=True, type=click.Path(), help="Folder to create (must not exist).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
+              help="Weights dtype (default: the run's model.dtype).")
+def export(ckpt, out_path, dtype):
+    """Write a checkpoint (or a run dir's newest) as a Hugging Face model folder."""
+    from .export import export as do_export
+
+    def body():
+        res = do_export(ckpt, out_path, dtype)
+        click.echo(f"exported generation {res['generation']} as {res['dtype']} -> {res['path']}")
+
+    _run(body, [None, True])
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path())
+def info(run_dir):
+    """Summarise a run from its log (also while it is being written)."""
+    from .info import info_lines
+
+    def body():
+        click.echo("\n".join(info_lines(run_dir)))
 
     _run(body, [None, True])
 

@@ -7,6 +7,7 @@ error names the field and the bad value.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -130,6 +131,9 @@ TRAJECTORY_FIELDS = (
 )
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(value: Any, typ: Any, where: str) -> Any:
     """Check/convert one value to the field's declared type; errors name the field."""
     if typ is bool:
@@ -142,6 +146,9 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         raise UserError(f"{where}: expected an integer, got {value!r}")
     if typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # PyYAML (YAML 1.1) reads `5e-4` as a string; accept what is plainly a number.
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
             return float(value)
         raise UserError(f"{where}: expected a number, got {value!r}")
     if typ is str:

@@ -25,10 +25,16 @@ def shape_rewards(rewards_N: np.ndarray, valid_N: np.ndarray, method: str) -> np
         # The paper's (r - mean) / (std + 1e-8), population std.
         z[valid] = (rv - rv.mean()) / (rv.std() + ZSCORE_EPS)
     elif method == "centered_rank":
-        # Salimans et al. 2017: ranks 0..n-1 scaled to [-0.5, 0.5]; ties broken by member order.
+        # Salimans et al. 2017: ranks 0..n-1 scaled to [-0.5, 0.5].  Tied rewards
+        # share their average rank, so equal rewards give a zero update instead of
+        # one that depends on member order.
         n = rv.size
+        order = np.argsort(rv, kind="stable")
         ranks = np.empty(n, dtype=np.float64)
-        ranks[np.argsort(rv, kind="stable")] = np.arange(n, dtype=np.float64)
+        ranks[order] = np.arange(n, dtype=np.float64)
+        for v in np.unique(rv):
+            tie = rv == v
+            ranks[tie] = ranks[tie].mean()
         z[valid] = ranks / (n - 1) - 0.5 if n > 1 else 0.0
     elif method == "raw":
         z[valid] = rv

@@ -55,22 +55,23 @@ def decode(model, tokenizer, texts: Sequence[str], max_new_tokens: int, stop_str
         return []
     bs = batch_size or len(texts)
     gcfg = _greedy_config(model, tokenizer, max_new_tokens)
+    gcfg.stop_strings = list(stop_strings) or None
     eos_ids = gcfg.eos_token_id if isinstance(gcfg.eos_token_id, list) else [gcfg.eos_token_id]
-    eos_ids = {e for e in eos_ids if e is not None}
+    # a finished sequence is padded with pad_token_id (stop string) or ends at EOS
+    ends = {e for e in eos_ids if e is not None} | {tokenizer.pad_token_id}
     out: list[Completion] = []
     device = next(model.parameters()).device
     for start in range(0, len(texts), bs):
         chunk = list(texts[start:start + bs])
         enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        kwargs = {}
-        if stop_strings:
-            kwargs = {"stop_strings": list(stop_strings), "tokenizer": tokenizer}
+        # stop strings live in the generation config; generate() needs the tokenizer to match them
+        kwargs = {"tokenizer": tokenizer} if stop_strings else {}
         seqs = model.generate(**enc, generation_config=gcfg, **kwargs)
         new = seqs[:, enc["input_ids"].shape[1]:].tolist()
         for ids in new:
             n = len(ids)
             for j, t in enumerate(ids):
-                if t in eos_ids:
+                if t in ends:
                     n = j + 1
                     break
             text = tokenizer.decode(ids[:n], skip_special_tokens=True)

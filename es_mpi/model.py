@@ -27,6 +27,7 @@ import torch
 
 from . import __version__
 from .errors import UserError
+from .shapes import SHAPES, build_random, is_random_folder, shape_name, write_random_folder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -41,8 +42,11 @@ def resolve_source(path: str) -> tuple[str, str]:
     """Classify model.path -> (kind, location) with kind in tiny|gguf|folder|hub.
     Raises UserError saying what was looked for where."""
     if path.startswith("builtin:"):
+        if shape_name(path):
+            return "random", path
         if path != "builtin:tiny":
-            raise UserError(f"model.path: unknown builtin model {path!r} (known: builtin:tiny)")
+            known = ", ".join(["builtin:tiny"] + [f"builtin:{s}-random" for s in SHAPES])
+            raise UserError(f"model.path: unknown builtin model {path!r} (known: {known})")
         return "tiny", path
     if path.startswith("pkg:"):
         pkg, _, rel = path[4:].partition("/")
@@ -67,19 +71,22 @@ def resolve_source(path: str) -> tuple[str, str]:
         return "folder", str(p.resolve())
     if path.startswith(("/", ".", "~")) or path.count("/") != 1:
         raise UserError(f"model.path: {path!r} is not a folder, a .gguf file or a hub id (org/name)")
+    hub_cache = "$HF_HUB_CACHE"
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import constants as hf_constants, snapshot_download
+        hub_cache = hf_constants.HF_HUB_CACHE   # $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub
         local = snapshot_download(path, local_files_only=True)
     except Exception:
-        hf_home = os.environ.get("HF_HOME", "~/.cache/huggingface")
-        raise UserError(f"model.path: hub id {path!r} is not in the local HF cache ({hf_home}/hub); "
-                        "es-mpi never downloads: fetch it beforehand with `huggingface-cli download`") from None
+        raise UserError(f"model.path: hub id {path!r} is not in the local HF cache ({hub_cache}); "
+                        "es-mpi never downloads: fetch it beforehand with `hf download`") from None
     return "folder", local
 
 
 def _fingerprint(kind: str, loc: str, tiny_seed: int) -> str:
     if kind == "tiny":
         key = f"tiny-v2-{tiny_seed}"
+    elif kind == "random":
+        key = f"{loc}-v2-{tiny_seed}"
     else:
         st = os.stat(loc)
         key = f"{loc}|{st.st_size}|{int(st.st_mtime)}|{__version__}"
@@ -93,7 +100,8 @@ def prepare(path: str, tiny_seed: int = 0, cache_dir: str = "", build: bool = Tr
     if kind == "folder":
         return Path(loc)
     root = cache_root(cache_dir)
-    out = root / f"{'tiny' if kind == 'tiny' else Path(loc).stem}-{_fingerprint(kind, loc, tiny_seed)}"
+    stem = {"tiny": "tiny", "random": shape_name(loc)}.get(kind) or Path(loc).stem
+    out = root / f"{stem}-{_fingerprint(kind, loc, tiny_seed)}"
     if (out / "config.json").is_file() or not build:
         return out
     try:
@@ -104,6 +112,8 @@ def prepare(path: str, tiny_seed: int = 0, cache_dir: str = "", build: bool = Tr
     try:
         if kind == "tiny":
             build_tiny(tmp, tiny_seed)
+        elif kind == "random":
+            write_random_folder(tmp, shape_name(loc), tiny_seed, TINY_CHAT_TEMPLATE)
         else:
             convert_gguf(Path(loc), tmp)
         os.replace(tmp, out) if not out.exists() else shutil.rmtree(tmp)
@@ -198,6 +208,11 @@ def load_model(folder: Path, dtype: str, device: str):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    if is_random_folder(folder):
+        model = build_random(folder, device)
+        model.eval()
+        model.requires_grad_(False)
+        return model
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     except OSError as e:

@@ -22,6 +22,7 @@ base_model_digest, world_size, start_time, hosts, population, prompts_per_genera
 
 Written in SWMR mode and flushed every generation, so a crash loses at most the
 generation in flight and tools can read a run while it is written.
+Every dataset carries a Fletcher-32 checksum, so damaged data is a read error.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from typing import Any, Mapping
 import h5py
 import numpy as np
 
-from . import __version__
+from . import __version__, config as config_mod
 from .errors import UserError
 
 SCHEMA_VERSION = 1
@@ -48,10 +49,29 @@ GEN_FIELDS: dict[str, tuple[Any, str]] = {
     **{t: (np.float64, "") for t in TIMINGS},
 }
 EVAL_FIELDS = {"mean_reward": np.float64, "accuracy": np.float64, "ci95": np.float64, "n_prompts": np.int64}
+# HDF5 checksums its metadata but not data chunks: Fletcher-32 on every
+# dataset makes a flipped byte in the rewards a read error, not a silent
+# wrong number that `es-mpi replay` would then build weights from.
+CHECKSUM = {"fletcher32": True}
 
 
 def _fail(path, msg) -> UserError:
     return UserError(f"{path}: {msg}")
+
+
+def _h5open(p: Path, mode: str, swmr: bool) -> h5py.File:
+    if mode != "r":
+        return h5py.File(p, mode, libver="latest")
+    if swmr:
+        # A SWMR reader retries a failed metadata read with doubling sleeps
+        # (hours in all), so a truncated or corrupted file would hang it: open
+        # plainly first, and use SWMR only for a file marked open for writing.
+        try:
+            return h5py.File(p, "r")
+        except OSError as e:
+            if "open for write" not in str(e):
+                raise
+    return h5py.File(p, "r", swmr=swmr)
 
 
 def open_h5(path: str | Path, kind: str, mode: str = "r", swmr: bool = False) -> h5py.File:
@@ -61,10 +81,13 @@ def open_h5(path: str | Path, kind: str, mode: str = "r", swmr: bool = False) ->
     if not p.is_file():
         raise _fail(p, "file not found")
     try:
-        f = h5py.File(p, mode, swmr=swmr) if mode == "r" else h5py.File(p, mode, libver="latest")
+        f = _h5open(p, mode, swmr)
     except OSError as e:
-        why = str(e).split("(")[0].strip() or "unreadable"
-        raise _fail(p, f"not a readable HDF5 file (truncated or corrupted?): {why}") from None
+        # h5py: "Unable to synchronously open file (truncated file: eof = ...)";
+        # the reason is the part in parentheses.
+        msg = str(e).splitlines()[0] if str(e) else ""
+        why = msg[msg.find("(") + 1:msg.rfind(")")] if "(" in msg else msg
+        raise _fail(p, f"not a readable HDF5 file (truncated or corrupted?): {why or 'unreadable'}") from None
     try:
         found = f.attrs.get("kind")
         found = found.decode() if isinstance(found, bytes) else found
@@ -106,22 +129,24 @@ class RunLogWriter:
         for k, v in attrs.items():
             f.attrs[k] = v
         g = f.create_group("gen")
-        scale = g.create_dataset("generation", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(256,))
+        scale = g.create_dataset("generation", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(256,),
+                                 **CHECKSUM)
         scale.make_scale("generation")
         for name, (dt, dims) in GEN_FIELDS.items():
             width = {"N": self.N, "B": self.B, "": None}[dims]
             shape, maxshape = ((0, width), (None, width)) if width else ((0,), (None,))
             chunks = (64, width) if width else (256,)
-            ds = g.create_dataset(name, shape=shape, maxshape=maxshape, dtype=dt, chunks=chunks)
+            ds = g.create_dataset(name, shape=shape, maxshape=maxshape, dtype=dt, chunks=chunks, **CHECKSUM)
             ds.dims[0].attach_scale(scale)
         m = f.create_group("members")
-        m.create_dataset("noise_index", data=np.asarray(noise_index, dtype=np.int64))
-        m.create_dataset("noise_sign", data=np.asarray(noise_sign, dtype=np.int8))
+        m.create_dataset("noise_index", data=np.asarray(noise_index, dtype=np.int64), **CHECKSUM)
+        m.create_dataset("noise_sign", data=np.asarray(noise_sign, dtype=np.int8), **CHECKSUM)
         e = f.create_group("eval")
-        escale = e.create_dataset("generation", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(64,))
+        escale = e.create_dataset("generation", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(64,),
+                                  **CHECKSUM)
         escale.make_scale("generation")
         for name, dt in EVAL_FIELDS.items():
-            ds = e.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dt, chunks=(64,))
+            ds = e.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dt, chunks=(64,), **CHECKSUM)
             ds.dims[0].attach_scale(escale)
         f.close()
         os.replace(tmp, self.path)
@@ -182,7 +207,23 @@ def read_log(path: str | Path) -> dict[str, Any]:
                 arrays = {k: a[:n] for k, a in arrays.items()}
             out[grp] = arrays
         return out
-    except (KeyError, OSError) as e:
-        raise _fail(path, f"corrupted run log ({e.__class__.__name__}: {e})") from None
+    except Exception as e:  # h5py raises OSError, RuntimeError, KeyError... on damaged files
+        why = (str(e).splitlines() or [""])[0]
+        raise _fail(path, f"corrupted run log ({e.__class__.__name__}: {why})") from None
     finally:
         f.close()
+
+
+def read_run(run_dir: str | Path) -> dict[str, Any]:
+    """A run directory for tools: read_log(RUN_DIR/log.h5) plus 'config' (the
+    parsed Config from the log's config text), 'run_dir' and 'path'.  A folder
+    that is not a run is a one-line UserError."""
+    d = Path(run_dir)
+    if not d.is_dir():
+        raise UserError(f"{d}: not a run directory (no such folder)")
+    path = d / "log.h5"
+    if not path.is_file():
+        raise UserError(f"{d}: not an es-mpi run (no log.h5)")
+    log = read_log(path)
+    cfg = config_mod.loads(str(log["attrs"].get("config", "")), f"{path} (config attribute)")
+    return {**log, "config": cfg, "run_dir": d, "path": path}

@@ -7,7 +7,6 @@ draws in all: k x (materialise P + decode) + K x P normals for the update.
 from __future__ import annotations
 
 import math
-import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -17,15 +16,17 @@ import numpy as np
 import torch
 
 from . import checkpoint, config as config_mod, faults
-from .comm import Comm, default_threads, pick_device
+from .comm import Comm, catch_stop_signals, clear_stop, default_threads, pick_device, restore_signals, \
+    stop_requested
 from .errors import RunAborted, UserError
-from .es import plan_update, shape_rewards
 from .model import DTYPES, load_model, load_tokenizer, prepare, weights_digest
 from .noise import NoiseSource, member_noise, prompt_batch
 from .optim import make_optimizer
 from .rundir import RunOutput, check_run_dir
-from .scoring import OK, generate_and_score, score_member, summarize
+from .generation import decode, format_prompts
+from .scoring import generate_and_score, score_member, score_one, summarize
 from .tasks import TaskDataError, make_task
+from .update import apply_generation_update
 from .weights import Weights
 
 # Exit status after a stop signal: checkpoint written, resume to continue
@@ -148,7 +149,7 @@ class Trainer:
                 "prompts_per_generation": self.cfg.es.prompts_per_generation,
                 "n_params": self.weights.n_params, "threads_per_rank": self.threads}
 
-    def _on_signal(self, signum, frame):
+    def _on_signal(self, signum, frame):  # kept for callers that install it themselves
         self._stop = True
 
     # -- agreement -------------------------------------------------------------
@@ -171,20 +172,22 @@ class Trainer:
         rewards = np.full(self.slot, np.nan)
         status = np.full(self.slot, np.nan)
         correct = np.full(self.slot, np.nan)
+        texts = format_prompts(self.tok, [e.prompt for e in batch], self.chat)
         for j, m in enumerate(self.members):
             t0 = time.perf_counter()
             self.weights.materialise(self.noise, gen, member_noise(m, es.antithetic), es.sigma)
             t1 = time.perf_counter()
-            comps, scored = generate_and_score(self.model, self.tok, self.task, batch,
-                                               self.cfg.generation.max_new_tokens,
-                                               self.cfg.generation.batch_size, self.cfg.task.reward_timeout,
-                                               self.chat)
+            comps = decode(self.model, self.tok, texts, self.cfg.generation.max_new_tokens,
+                           self.task.stop_strings, self.cfg.generation.batch_size)
             t2 = time.perf_counter()
+            scored = [score_one(self.task, e, c.text, self.cfg.task.reward_timeout) for e, c in zip(batch, comps)]
             rewards[j], status[j], correct[j] = score_member(scored)
             times["t_materialise"] += t1 - t0
             times["t_decode"] += t2 - t1
+            times["t_reward"] += time.perf_counter() - t2
+            times["tokens"] += sum(c.n_tokens for c in comps)
         self.weights.restore()
-        return GenResult(rewards, status, correct, self._stop)
+        return GenResult(rewards, status, correct, self._stop or stop_requested())
 
     def exchange(self, local: GenResult) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
         """The one Allgather of the generation: per rank [stop flag, then
@@ -225,8 +228,8 @@ class Trainer:
     def step(self, gen: int) -> bool:
         """Run generation `gen` (0-based); returns True if a stop was requested."""
         cfg, es = self.cfg, self.cfg.es
-        times = dict.fromkeys(("t_materialise", "t_decode", "t_reward", "t_exchange", "t_update", "t_digest"),
-                              0.0)
+        times = dict.fromkeys(("t_materialise", "t_decode", "t_reward", "t_exchange", "t_update", "t_digest",
+                               "tokens"), 0.0)
         t_start = time.perf_counter()
         idx = prompt_batch(es.seed, gen, len(self.train_set), es.prompts_per_generation)
         batch = [self.train_set[i] for i in idx]
@@ -234,14 +237,14 @@ class Trainer:
         t0 = time.perf_counter()
         rewards, status, correct, stop = self.exchange(local)
         times["t_exchange"] = time.perf_counter() - t0
-        valid = status == OK
-        z = shape_rewards(rewards, valid, es.shaping)
-        plan = plan_update(z, valid, es.antithetic, es.alpha, es.sigma, es.step)
+        tamper = None
         if faults.active("nonfinite", gen, self.comm.rank):
-            plan = plan.__class__(plan.coeffs_K, plan.n_valid, math.inf, math.inf)
+            tamper = lambda p: p.__class__(p.coeffs_K, p.n_valid, math.inf, math.inf)  # noqa: E731
         t0 = time.perf_counter()
-        norm = self.weights.apply_update(self.noise, gen, plan, self.opt, es.alpha)
+        # Shared with `es-mpi replay`, which re-runs it from the logged rewards.
+        upd = apply_generation_update(self.weights, self.noise, self.opt, es, gen, rewards, status, tamper)
         times["t_update"] = time.perf_counter() - t0
+        valid, z, plan, norm = upd.valid_N, upd.shaped_N, upd.plan, upd.norm
         faults.after_update(self.weights, gen, self.comm.rank)
         done = gen + 1
         if es.check_every and done % es.check_every == 0:
@@ -254,6 +257,7 @@ class Trainer:
                              "shaped": z, "correct": correct, "prompts": idx, "reward_mean": stats[0],
                              "reward_std": stats[1], "reward_min": stats[2], "reward_max": stats[3],
                              "n_invalid": n_invalid, "update_norm": norm, **times})
+        self.last_times = times
         note = "" if n_invalid == 0 else f" invalid {n_invalid}"
         if plan.empty:
             note += " | no valid members: no update" if plan.n_valid == 0 else " | zero update"
@@ -273,23 +277,28 @@ class Trainer:
                  "base_model": self.cfg.model.path, "base_model_digest": self.base_digest}
         path = self.out.checkpoint(generations_done, self.weights.state_dict(), self.opt.state_dict(), attrs,
                                    self.cfg.checkpoint.keep)
+        self._saved_at = generations_done
         if path is not None:
             self.out.info("checkpoint %s", path)
 
     # -- the run ---------------------------------------------------------------
-    def run(self) -> int:
+    def begin(self) -> None:
+        """Open the run log, install the stop-signal handlers, check agreement."""
         cfg, es = self.cfg, self.cfg.es
         mn = [member_noise(m, es.antithetic) for m in range(es.population)]
         attrs = self._log_attrs()
         self.out.start(self.config_text, es.population, es.prompts_per_generation, attrs,
                        [x.index for x in mn], [x.sign for x in mn], self.start_gen if self.start_gen else None)
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
+        self._prev_signals = catch_stop_signals()
         self.out.info("es-mpi: %s on %s | %d params | N=%d sigma=%g alpha=%g | %d rank(s) x %d thread(s) on %s%s",
                       cfg.task.name, cfg.model.path, self.weights.n_params, es.population, es.sigma, es.alpha,
                       self.comm.size, self.threads, self.device,
                       f" | resumed at generation {self.start_gen}" if self.start_gen else "")
         self.check_agreement(self.start_gen)
+
+    def run(self) -> int:
+        cfg, es = self.cfg, self.cfg.es
+        self.begin()
         first = self.start_gen == 0
         if cfg.eval.limit and first:
             self.heldout_eval(0)
@@ -306,17 +315,22 @@ class Trainer:
             self.check_agreement(gen)
             if cfg.eval.limit and not stopped and gen > self.start_gen:
                 self.heldout_eval(gen)
-            self.save(gen)
+            if getattr(self, "_saved_at", None) != gen:  # a stop right after a periodic checkpoint
+                self.save(gen)
         finally:
             self.out.close()
+            restore_signals(getattr(self, "_prev_signals", {}))
         digest = self.weights.digest()
         elapsed = time.perf_counter() - t_run
         if stopped:
             self.out.info("stop signal: checkpoint at generation %d written; resume with --resume "
                           "(%.1fs this segment)", gen, elapsed)
-            self.out.line(f"final-digest: {digest}")
-            return EXIT_PREEMPTED
-        self.out.info("done: %d generations in %.1fs (%d this segment) on %d rank(s)", es.generations, elapsed,
-                      gen - self.start_gen, self.comm.size)
+        else:
+            self.out.info("done: %d generations in %.1fs (%d this segment) on %d rank(s)", es.generations,
+                          elapsed, gen - self.start_gen, self.comm.size)
         self.out.line(f"final-digest: {digest}")
-        return 0
+        clear_stop()
+        # No rank leaves before rank 0 has written the checkpoint and closed the
+        # log: mpiexec kills the whole job as soon as one rank exits non-zero (75).
+        self.comm.barrier()
+        return EXIT_PREEMPTED if stopped else 0

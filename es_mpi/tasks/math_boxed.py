@@ -1,10 +1,14 @@
 """Math word problems answered in \\boxed{} (GSM8K, MATH-style JSONL).
 
-Data (option `data`, required): JSONL, one problem a line, with `question` (or
-`problem`) and `answer`.  A GSM8K answer ("...reasoning... #### 1,234") counts as
-the text after the last "####"; a record with `solution` instead of `answer` uses
-the last \\boxed{} of the solution (MATH).  Train = the first train_size rows
-(default 200); held-out = the next heldout_size rows (default: all the rest).
+Data (option `data`): JSONL, one problem a line, with `question` (or `problem`)
+and `answer`.  A GSM8K answer ("...reasoning... #### 1,234") counts as the text
+after the last "####"; a record with `solution` instead of `answer` uses the last
+\\boxed{} of the solution (MATH).  Train = the first train_size rows (default
+200); held-out = the next heldout_size rows (default: all the rest).
+Without `data`, the packaged es_mpi/data/math_sample.jsonl is used: 64 short
+grade-school word problems with integer answers (for smoke runs and CPU demos,
+not a benchmark); its default train_size is 16, leaving 48 held out.  A relative
+`data` path is read from the current directory, like every task's data file.
 
 Reward 1.0 when the LAST \\boxed{...} of the completion (braces balanced, escaped
 \\{ \\} ignored; \\fbox too) matches the reference after normalisation, else 0.0:
@@ -28,9 +32,11 @@ import re
 from fractions import Fraction
 from typing import Any, Mapping
 
-from ._common import task_options
+from ._common import packaged, task_options
 from .base import Example, Score, Task, TaskDataError, read_jsonl
 
+SAMPLE_FILE = "math_sample.jsonl"
+SAMPLE_TRAIN_SIZE = 16
 PROMPT_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -133,15 +139,13 @@ class MathBoxedTask(Task):
     def __init__(self, options: Mapping[str, Any] | None = None):
         super().__init__(options)
         opts = task_options(self)
-        self.path = opts.get("data")
-        self.train_size = opts.get("train_size", 200)
+        self.path = opts.get("data") or packaged(SAMPLE_FILE)
+        self.train_size = opts.get("train_size", 200 if opts.get("data") else SAMPLE_TRAIN_SIZE)
         self.heldout_size = opts.get("heldout_size")
         self._rows: list[dict] | None = None
 
     def _load(self) -> list[dict]:
         if self._rows is None:
-            if not self.path:        # checked here, not in __init__, so `es-mpi score` needs no data
-                raise TaskDataError("task.options.data: the math task needs a JSONL file")
             rows = read_jsonl(self.path)
             out = []
             for i, r in enumerate(rows, 1):

@@ -18,20 +18,22 @@ from es_mpi.tasks.countdown import generate_puzzles, raw_prompt
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _reference_file(name: str) -> Path | None:
-    candidates = [Path(os.environ["ES_MPI_REFERENCE_DATA"]) / name] if "ES_MPI_REFERENCE_DATA" in os.environ else []
-    candidates += [ROOT / "shared" / "data" / name, ROOT.parent / "shared" / "data" / name]
-    return next((p for p in candidates if p.is_file()), None)
-
-
-EXAMPLES = _reference_file("countdown_reward_examples.json")
+def _reference_file(name: str) -> Path:
+    """tests/data first (a copy ships with the tests), then $ES_MPI_REFERENCE_DATA.
+    A missing file is a failure, not a skip: parity must always be checked."""
+    candidates = [ROOT / "tests" / "data" / name]
+    if "ES_MPI_REFERENCE_DATA" in os.environ:
+        candidates.append(Path(os.environ["ES_MPI_REFERENCE_DATA"]) / name)
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        pytest.fail(f"{name} not found (looked in {', '.join(map(str, candidates))})")
+    return found
 
 
 # ------------------------------------------------------------------ parity
-@pytest.mark.skipif(EXAMPLES is None, reason="countdown_reward_examples.json not found "
-                    "(set ES_MPI_REFERENCE_DATA to the shared/data folder)")
 def test_parity_with_reference_on_all_examples():
-    cases = json.loads(EXAMPLES.read_text(encoding="utf-8"))   # json module: exact big ints
+    path = _reference_file("countdown_reward_examples.json")
+    cases = json.loads(path.read_text(encoding="utf-8"))   # json module: exact big ints
     assert len(cases) == 241
     bad = []
     for i, c in enumerate(cases):

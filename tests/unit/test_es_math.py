@@ -63,6 +63,14 @@ def test_centered_rank_matches_hand_computation():
     assert np.allclose(z, [0.5, -0.5, 1 / 3 - 0.5, 2 / 3 - 0.5])
 
 
+def test_centered_rank_ties_share_their_rank():
+    z = shape_rewards(np.array([1.0, 1.0, 1.0]), np.ones(3, bool), "centered_rank")
+    assert np.array_equal(z, [0.0, 0.0, 0.0])
+    z = shape_rewards(np.array([2.0, 1.0, 2.0, 0.0]), np.ones(4, bool), "centered_rank")
+    # ranks: 2.5, 1, 2.5, 0 -> /3 - 0.5
+    assert np.allclose(z, [2.5 / 3 - 0.5, 1 / 3 - 0.5, 2.5 / 3 - 0.5, -0.5])
+
+
 def test_raw_and_invalid_members_are_left_out():
     r = np.array([1.0, np.nan, 3.0, 100.0])
     valid = np.array([True, False, True, False])

@@ -121,9 +121,17 @@ def test_math_task(tmp_path):
     assert len(make_task("math", {"data": str(p), "train_size": 4, "heldout_size": 2}).examples("heldout")) == 2
 
 
+def test_math_task_default_sample():
+    t = make_task("math", {})               # no data: the packaged sample, 16 train + 48 held out
+    train, held = t.examples("train"), t.examples("heldout")
+    assert (len(train), len(held)) == (16, 48)
+    assert {e.id for e in train}.isdisjoint(e.id for e in held)
+    assert all(e.fields["answer"].isdigit() and "\\boxed{}" in e.prompt for e in train + held)
+    assert t.score(train[0], f"so \\boxed{{{train[0].fields['answer']}}}").correct
+    assert len(make_task("math", {"train_size": 4, "heldout_size": 5}).examples("heldout")) == 5
+
+
 def test_math_task_errors(tmp_path):
-    with pytest.raises(TaskDataError, match="task.options.data: the math task needs a JSONL file"):
-        make_task("math", {}).examples("train")
     with pytest.raises(TaskDataError, match="task.options: unknown key 'foo' for task math"):
         make_task("math", {"data": "x", "foo": 1})
     p = tmp_path / "m.jsonl"

@@ -1,0 +1,79 @@
+"""`es-mpi eval`: greedy-decode and score a split, prompts sharded over ranks.
+
+It uses the same decoding and scoring code as training (scoring.generate_and_score).
+Rank r takes prompts r, r+R, r+2R, ...; the per-prompt results are gathered
+(one Allgatherv of JSON) and rank 0 writes them in prompt order, so the output
+is the same on any rank count (given the same threads per rank).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from . import checkpoint
+from .comm import Comm, default_threads
+from .errors import UserError
+from .model import DTYPES
+from .rundir import log
+from .scoring import RAISED, NONFINITE, TIMEOUT, generate_and_score, summarize
+from .trainer import load_task, setup_model
+from .weights import Weights
+
+STATUS_TEXT = {RAISED: "reward raised", NONFINITE: "non-finite reward", TIMEOUT: "reward timed out"}
+
+
+def run_eval(cfg, comm: Comm, split: str, limit: int, out_path: str | None, ckpt_path: str | None) -> dict:
+    if split not in ("heldout", "train"):
+        raise UserError(f"--split: {split!r} is not heldout or train")
+    task, train, heldout = comm.agree(lambda: load_task(cfg))
+    examples = heldout if split == "heldout" else train
+    if limit:
+        examples = examples[:limit]
+    if not examples:
+        raise UserError(f"task {cfg.task.name}: the {split} split is empty")
+    ck = comm.agree(lambda: checkpoint.load(ckpt_path)) if ckpt_path else None
+    torch.set_num_threads(cfg.model.threads or default_threads(comm))
+    folder, model, tok, device = setup_model(cfg, comm)
+    weights = Weights(model, DTYPES[cfg.model.dtype])
+    if ck is not None:
+        try:
+            weights.load_state_dict(ck["weights"])
+        except (KeyError, ValueError) as e:
+            raise UserError(f"{ckpt_path}: checkpoint does not match the model ({e})") from None
+    mine = list(range(comm.rank, len(examples), comm.size))
+    comps, scored = generate_and_score(model, tok, task, [examples[i] for i in mine],
+                                       cfg.generation.max_new_tokens, cfg.generation.batch_size,
+                                       cfg.task.reward_timeout, task.chat_template)
+    rows = []
+    for i, c, s in zip(mine, comps, scored):
+        ex = examples[i]
+        row = {"index": i, "id": ex.id, "completion": c.text, "n_tokens": c.n_tokens,
+               "reward": s.reward if s.status == 0 else None, "correct": s.correct, **dict(s.components)}
+        if s.status:
+            row["error"] = STATUS_TEXT[s.status]
+        rows.append(row)
+    gathered = sorted((r for part in comm.allgather_json(rows) for r in part), key=lambda r: r["index"])
+    summ = summarize([r["reward"] if r["reward"] is not None else float("nan") for r in gathered],
+                     [bool(r["correct"]) for r in gathered])
+    if comm.is_root:
+        if out_path:
+            _write_jsonl(Path(out_path), gathered)
+        log.info("eval %s split of %s: mean reward %.4f ± %.4f (95%% CI) accuracy %.4f n=%d invalid=%d",
+                 split, cfg.task.name, summ["mean_reward"], summ["ci95"], summ["accuracy"], summ["n_prompts"],
+                 summ["n_invalid"])
+    return {"summary": summ, "rows": gathered}
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"{path}: cannot write ({e.strerror})") from None

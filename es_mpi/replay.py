@@ -1,0 +1,78 @@
+"""`es-mpi replay`: rebuild the fp32 master after G generations from the base
+model and log.h5 alone.
+
+The log holds every member's reward and status, and the noise is a pure
+function of (seed, generation, draw), so the update of each generation can be
+recomputed without decoding anything: the same `apply_generation_update` the
+trainer ran, on the same logged numbers, gives the same bits.  A log of a few
+hundred kB thus stands in for every checkpoint of the run.
+
+Cost: G x K x P normals (the update part of training only), no decoding.
+Must run on the device type the run used (CUDA draws different noise).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from . import checkpoint
+from .comm import pick_device, serial
+from .errors import UserError
+from .model import DTYPES, load_model, prepare
+from .noise import NoiseSource
+from .optim import make_optimizer
+from .runlog import read_run
+from .update import apply_generation_update
+from .weights import Weights
+
+
+def _check_replayable(log: dict, path: Path, generation: int) -> None:
+    gens = log["gen"]["generation"]
+    if generation < 0:
+        raise UserError(f"--generation: {generation} must be >= 0")
+    if generation > len(gens):
+        raise UserError(f"{path}: the log holds {len(gens)} generation(s); cannot replay to {generation}")
+    if not np.array_equal(gens[:generation], np.arange(generation)):
+        raise UserError(f"{path}: generations are not 0..{generation - 1} in order; cannot replay")
+
+
+def replay(run_dir: str | Path, generation: int, out: str | Path, progress=None) -> dict:
+    """Write the master after `generation` generations to `out` (a checkpoint
+    file).  Returns its attrs.  `progress(g)` is called after each generation."""
+    out = Path(out)
+    if out.exists():
+        raise UserError(f"{out}: exists; not overwritten (choose another --out)")
+    run = read_run(run_dir)
+    path, cfg, gen, attrs = run["path"], run["config"], run["gen"], run["attrs"]
+    _check_replayable(run, path, generation)
+    es = cfg.es
+    folder = prepare(cfg.model.path, cfg.model.tiny_seed, cfg.model.cache_dir)
+    device = pick_device(cfg.model.device, serial())
+    weights = Weights(load_model(folder, cfg.model.dtype, device), DTYPES[cfg.model.dtype])
+    base_digest = weights.digest()
+    if attrs.get("base_model_digest") not in (None, base_digest):
+        raise UserError(f"{path}: the base model {cfg.model.path} is not the one this run started from "
+                        "(weights digest differs)")
+    noise = NoiseSource(es.seed, device)
+    opt = make_optimizer(es.optimizer, weights.names, weights.shapes, es.adam_beta1, es.adam_beta2, es.adam_eps,
+                         device)
+    for g in range(generation):
+        upd = apply_generation_update(weights, noise, opt, es, g, gen["rewards"][g], gen["status"][g])
+        # Cheap cross-checks against what training logged: the shaped scores
+        # (bitwise, same numpy on the same numbers) and the step's norm (a
+        # float sum whose order may follow the thread count, so not bitwise).
+        logged = float(gen["update_norm"][g])
+        if not np.array_equal(upd.shaped_N, gen["shaped"][g]) or not math.isclose(
+                upd.norm, logged, rel_tol=1e-6, abs_tol=1e-12):
+            raise UserError(f"{path}: replay departs from the log at generation {g} (update norm {upd.norm:.6g}, "
+                            f"logged {logged:.6g}); was the run resumed with --force and a changed config, "
+                            "or trained on another device type?")
+        if progress is not None:
+            progress(g)
+    out_attrs = {"seed": es.seed, "config": str(attrs.get("config", "")), "digest": weights.digest(),
+                 "base_model": cfg.model.path, "base_model_digest": base_digest,
+                 "replayed_from": str(path)}
+    checkpoint.write(out, generation, weights.state_dict(), opt.state_dict(), out_attrs)
+    return {**out_attrs, "generation": generation, "path": out}
