@@ -76,7 +76,7 @@ def train(config_path, overrides, run_dir, resume, force):
     from .rundir import setup_logging
 
     comm = comm_mod.init()
-    comm_mod.catch_stop_signals()  # a stop signal during set-up stops after the first generation
+    prev_signals = comm_mod.catch_stop_signals()  # a stop signal during set-up stops after the first generation
     setup_logging(comm)
     box = [comm, True]
 
@@ -100,7 +100,13 @@ def train(config_path, overrides, run_dir, resume, force):
         box[1] = False  # from here an error may be seen by one rank only
         return trainer.run()
 
-    code = _run(body, box)
+    code = None
+    try:
+        code = _run(body, box)
+    finally:
+        comm_mod.clear_stop()
+        if code != 75:  # after a stop (exit 75) the process keeps ignoring stop signals until it has exited
+            comm_mod.restore_signals(prev_signals)
     sys.exit(code or 0)
 
 

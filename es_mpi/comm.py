@@ -176,6 +176,15 @@ def restore_signals(previous: dict) -> None:
         signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
+def ignore_stop_signals() -> None:
+    """After a stop: the process is about to exit 75, and a repeated stop signal
+    must not kill it while it winds down (Python resets its own handlers to the
+    default, which terminates, while it finalizes; an ignored signal stays ignored)."""
+    if threading.current_thread() is threading.main_thread():
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+
+
 def stop_requested() -> bool:
     return bool(_stop_requests)
 

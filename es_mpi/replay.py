@@ -38,9 +38,9 @@ def _check_replayable(log: dict, path: Path, generation: int) -> None:
         raise UserError(f"{path}: generations are not 0..{generation - 1} in order; cannot replay")
 
 
-def replay(run_dir: str | Path, generation: int, out: str | Path, progress=None) -> dict:
+def replay(run_dir: str | Path, generation: int, out: str | Path) -> dict:
     """Write the master after `generation` generations to `out` (a checkpoint
-    file).  Returns its attrs.  `progress(g)` is called after each generation."""
+    file).  Returns its attrs plus 'generation' and 'path'."""
     out = Path(out)
     if out.exists():
         raise UserError(f"{out}: exists; not overwritten (choose another --out)")
@@ -69,8 +69,6 @@ def replay(run_dir: str | Path, generation: int, out: str | Path, progress=None)
             raise UserError(f"{path}: replay departs from the log at generation {g} (update norm {upd.norm:.6g}, "
                             f"logged {logged:.6g}); was the run resumed with --force and a changed config, "
                             "or trained on another device type?")
-        if progress is not None:
-            progress(g)
     out_attrs = {"seed": es.seed, "config": str(attrs.get("config", "")), "digest": weights.digest(),
                  "base_model": cfg.model.path, "base_model_digest": base_digest,
                  "replayed_from": str(path)}

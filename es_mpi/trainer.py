@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from . import checkpoint, config as config_mod, faults
-from .comm import Comm, catch_stop_signals, clear_stop, default_threads, pick_device, restore_signals, \
-    stop_requested
+from .comm import Comm, catch_stop_signals, clear_stop, default_threads, ignore_stop_signals, pick_device, \
+    restore_signals, stop_requested
 from .errors import RunAborted, UserError
 from .model import DTYPES, load_model, load_tokenizer, prepare, weights_digest
 from .noise import NoiseSource, member_noise, prompt_batch
@@ -333,4 +333,6 @@ class Trainer:
         # No rank leaves before rank 0 has written the checkpoint and closed the
         # log: mpiexec kills the whole job as soon as one rank exits non-zero (75).
         self.comm.barrier()
+        if stopped:
+            ignore_stop_signals()
         return EXIT_PREEMPTED if stopped else 0

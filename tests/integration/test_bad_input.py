@@ -206,8 +206,8 @@ def test_real_process_prints_exactly_one_line(tmp_path):
              "--run-dir", str(tmp_path / "run")], timeout=60)
     assert time.monotonic() - t0 < 30
     assert p.returncode == 2
-    assert p.stderr.splitlines() == [f"es-mpi: error: {TINY}: unknown key 'es.populaton' (known in es: "
-                                     + p.stderr.split("(known in es: ", 1)[1].strip()], p.stderr
+    assert len(p.stderr.splitlines()) == 1, p.stderr
+    assert p.stderr.startswith(f"es-mpi: error: {TINY}: unknown key 'es.populaton' (known in es: population,")
     assert not (tmp_path / "run").exists()
 
 
@@ -227,7 +227,7 @@ def test_more_ranks_than_members_exits_2_on_every_rank(tmp_path, cache_dir):
     err = p.stderr
     assert sorted(l for l in err.splitlines() if l.startswith("es-mpi-test:")) == \
         [f"es-mpi-test: rank {r} exit 2" for r in range(3)], err
-    lines = [l for l in err.splitlines() if l.startswith("es-mpi")and not l.startswith("es-mpi-test")]
+    lines = [l for l in err.splitlines() if l.startswith("es-mpi:")]
     assert lines == ["es-mpi: error: es.population: 2 members cannot be spread over 3 ranks "
                      "(more ranks than members)"], err
     assert "Traceback" not in err + p.stdout
