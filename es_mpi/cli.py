@@ -73,10 +73,11 @@ def train(config_path, overrides, run_dir, resume, force):
     """Run ES training (on every rank of the MPI job)."""
     from . import comm as comm_mod
     from . import config as config_mod
+    from . import signals
     from .rundir import setup_logging
 
     comm = comm_mod.init()
-    prev_signals = comm_mod.catch_stop_signals()  # a stop signal during set-up stops after the first generation
+    prev_signals = signals.catch_stop_signals()  # a stop signal during set-up stops after the first generation
     setup_logging(comm)
     box = [comm, True]
 
@@ -87,9 +88,7 @@ def train(config_path, overrides, run_dir, resume, force):
         if resume and config_path is None and (Path(run_dir) / "config.yaml").is_file():
             path = Path(run_dir) / "config.yaml"
         cfg = comm.agree(lambda: config_mod.load(path, overrides))
-        if comm.size > cfg.es.population:  # checked here too, so it fails before anything heavy loads
-            raise UserError(f"es.population: {cfg.es.population} members cannot be spread over {comm.size} "
-                            "ranks (more ranks than members)")
+        config_mod.check_ranks(cfg, comm.size)  # before torch and the model load
         rd = run_dir
         if rd is None:
             stem = Path(path).stem if path else "run"
@@ -104,9 +103,9 @@ def train(config_path, overrides, run_dir, resume, force):
     try:
         code = _run(body, box)
     finally:
-        comm_mod.clear_stop()
+        signals.clear_stop()
         if code != 75:  # after a stop (exit 75) the process keeps ignoring stop signals until it has exited
-            comm_mod.restore_signals(prev_signals)
+            signals.restore_signals(prev_signals)
     sys.exit(code or 0)
 
 

@@ -207,6 +207,13 @@ def validate(cfg: Config, source: str = "config") -> None:
         raise UserError(f"{source}: model.path: must not be empty")
 
 
+def check_ranks(cfg: Config, ranks: int) -> None:
+    """Every rank must own at least one member."""
+    if ranks > cfg.es.population:
+        raise UserError(f"es.population: {cfg.es.population} members cannot be spread over {ranks} ranks "
+                        "(more ranks than members)")
+
+
 def parse_set(items: list[str] | tuple[str, ...]) -> dict:
     """`a.b=v` overrides -> nested dict; values are parsed as YAML scalars."""
     out: dict = {}

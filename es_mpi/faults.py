@@ -33,6 +33,7 @@ def after_update(weights, generation: int, rank: int) -> None:
         raise RuntimeError(f"injected fault on rank {rank} at generation {generation}")
     if active("diverge", generation, rank):
         weights.master[0].view(-1)[0] += 1e-3
+        weights.version += 1
         weights.restore()
     if active("sleep", generation, rank):
         time.sleep(60)

@@ -15,11 +15,14 @@ so every rank starts from the same bytes.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -131,8 +134,17 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # transformers' GGUF reader draws its own tqdm bar (carriage returns that
+    # flood a Slurm log); keep stderr but drop the bar.
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    finally:
+        for line in held.getvalue().replace("\r", "\n").splitlines():
+            if line.strip() and "Converting and de-quantizing" not in line:
+                print(line, file=sys.stderr)
     cfg = src.config
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config

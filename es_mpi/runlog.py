@@ -227,3 +227,27 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
     log = read_log(path)
     cfg = config_mod.loads(str(log["attrs"].get("config", "")), f"{path} (config attribute)")
     return {**log, "config": cfg, "run_dir": d, "path": path}
+
+
+def rebuild_log(path: Path, generations_done: int) -> None:
+    """Rewrite a run log that HDF5 will not open for writing, from what a
+    read-only (SWMR) open still sees: the rows of generations < generations_done
+    and the evaluations up to it.  Written beside it, then renamed over it."""
+    old = read_log(path)                      # a one-line UserError if even that fails
+    gen, ev, members = old["gen"], old["eval"], old["members"]
+    n_members = int(members["noise_index"].shape[0])
+    width = int(gen["prompts"].shape[1]) if gen["prompts"].ndim == 2 else 0
+    attrs = {k: v for k, v in old["attrs"].items() if k not in ("kind", "schema_version")}
+    tmp = path.with_name(path.name + ".rebuild")
+    w = RunLogWriter(tmp, n_members, width, attrs, members["noise_index"], members["noise_sign"])
+    try:
+        for i, g in enumerate(gen["generation"]):
+            if g >= generations_done:
+                break
+            w.append_generation({k: (gen[k][i] if k in gen else 0) for k in ("generation", *GEN_FIELDS)})
+        for i, g in enumerate(ev["generation"]):
+            if g <= generations_done:
+                w.append_eval({k: (ev[k][i] if k in ev else 0) for k in ("generation", *EVAL_FIELDS)})
+    finally:
+        w.close()
+    os.replace(tmp, path)

@@ -11,6 +11,7 @@ import yaml
 from .errors import UserError
 from .scoring import score_one
 from .tasks import TaskDataError, UnknownTask, make_task
+from .tasks.base import iter_jsonl
 
 
 def score_file(task_name: str, input_path: str, output_path: str = "-", options=(), timeout: float = 5.0) -> int:
@@ -25,22 +26,8 @@ def score_file(task_name: str, input_path: str, output_path: str = "-", options=
     except (UnknownTask, TaskDataError) as e:
         raise UserError(str(e)) from None
     p = Path(input_path)
-    if not p.is_file():
-        raise UserError(f"{p}: input file not found")
     lines_out = []
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{p}: cannot read ({e})") from None
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{p}:{i}: malformed JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise UserError(f"{p}:{i}: expected a JSON object")
+    for i, rec in iter_jsonl(p, error=UserError, what="input"):
         if "response" not in rec or not isinstance(rec["response"], str):
             raise UserError(f"{p}:{i}: missing string field 'response'")
         try:

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from . import checkpoint, config as config_mod, faults
-from .comm import Comm, catch_stop_signals, clear_stop, default_threads, ignore_stop_signals, pick_device, \
-    restore_signals, stop_requested
+from .comm import Comm, default_threads, pick_device
+from .signals import catch_stop_signals, clear_stop, ignore_stop_signals, restore_signals, stop_requested
 from .errors import RunAborted, UserError
 from .model import DTYPES, load_model, load_tokenizer, prepare, weights_digest
 from .noise import NoiseSource, member_noise, prompt_batch
@@ -97,9 +97,7 @@ class Trainer:
                  config_text: str | None = None):
         self.cfg, self.comm, self.run_dir = cfg, comm, Path(run_dir)
         es = cfg.es
-        if comm.size > es.population:
-            raise UserError(f"es.population: {es.population} members cannot be spread over {comm.size} ranks "
-                            "(more ranks than members)")
+        config_mod.check_ranks(cfg, comm.size)
         comm.agree(lambda: check_run_dir(self.run_dir, resume))
         self.task, self.train_set, self.heldout_set = comm.agree(lambda: load_task(cfg))
         self.chat = self.task.chat_template
@@ -120,7 +118,7 @@ class Trainer:
             self.start_gen = comm.agree(lambda: self._resume(force))
         self.out = RunOutput(comm, self.run_dir)
         self.config_text = config_text or cfg.to_yaml()
-        self._stop = False
+        self._saved_at: int | None = None   # generation of the last checkpoint written
 
     # -- set-up helpers --------------------------------------------------------
     def _resume(self, force: bool) -> int:
@@ -148,9 +146,6 @@ class Trainer:
                 "population": self.cfg.es.population,
                 "prompts_per_generation": self.cfg.es.prompts_per_generation,
                 "n_params": self.weights.n_params, "threads_per_rank": self.threads}
-
-    def _on_signal(self, signum, frame):  # kept for callers that install it themselves
-        self._stop = True
 
     # -- agreement -------------------------------------------------------------
     def check_agreement(self, generation: int) -> float:
@@ -187,7 +182,7 @@ class Trainer:
             times["t_reward"] += time.perf_counter() - t2
             times["tokens"] += sum(c.n_tokens for c in comps)
         self.weights.restore()
-        return GenResult(rewards, status, correct, self._stop or stop_requested())
+        return GenResult(rewards, status, correct, stop_requested())
 
     def exchange(self, local: GenResult) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
         """The one Allgather of the generation: per rank [stop flag, then
@@ -315,7 +310,7 @@ class Trainer:
             self.check_agreement(gen)
             if cfg.eval.limit and not stopped and gen > self.start_gen:
                 self.heldout_eval(gen)
-            if getattr(self, "_saved_at", None) != gen:  # a stop right after a periodic checkpoint
+            if self._saved_at != gen:  # not twice when a stop follows a periodic checkpoint
                 self.save(gen)
         finally:
             self.out.close()

@@ -35,6 +35,10 @@ class Weights:
         self._eps = torch.empty(biggest, dtype=torch.float32, device=self.device)
         self._tmp = torch.empty(biggest, dtype=torch.float32, device=self.device)
         self.n_params = sum(t.numel() for t in self.master)
+        # digest cache: hashing the master costs ~1 s per 500 MB and the end of a
+        # run asks for it three times (agreement, checkpoint, final line)
+        self.version = 0
+        self._digest: tuple[int, str] | None = None
         self.restore()
 
     # -- members -----------------------------------------------------------
@@ -87,12 +91,17 @@ class Weights:
                                  "refused (the last checkpoint is intact)")
             sq += float(torch.sum((new - m).double() ** 2))
             m.copy_(new)
+            self.version += 1
         self.restore()
         return sq ** 0.5
 
     # -- identity ----------------------------------------------------------
     def digest(self) -> str:
-        return weights_digest(self.master)
+        """SHA-256 of the master (see model.weights_digest); callers that change
+        the master outside apply_update/load_state_dict must bump `version`."""
+        if self._digest is None or self._digest[0] != self.version:
+            self._digest = (self.version, weights_digest(self.master))
+        return self._digest[1]
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return {n: m.cpu().numpy() for n, m in zip(self.names, self.master)}
@@ -106,4 +115,5 @@ class Weights:
             if tuple(src.shape) != tuple(m.shape):
                 raise ValueError(f"{n}: shape {tuple(src.shape)} != {tuple(m.shape)}")
             m.copy_(src)
+        self.version += 1
         self.restore()

@@ -52,3 +52,19 @@ def final_digest(stdout: str) -> str:
     lines = [l for l in stdout.splitlines() if l.startswith("final-digest: ")]
     assert lines, f"no final-digest line in:\n{stdout[-3000:]}"
     return lines[-1].split(": ", 1)[1].strip()
+
+
+def cli_train(*args: str):
+    """`es-mpi train ARGS` in this process (rank 0 of 1): (exit code, stdout, stderr).
+    Restores torch's thread count, which the trainer sets."""
+    import torch
+    from click.testing import CliRunner
+
+    from es_mpi.cli import main
+
+    threads = torch.get_num_threads()
+    try:
+        r = CliRunner().invoke(main, ["train", *args], catch_exceptions=False)
+    finally:
+        torch.set_num_threads(threads)
+    return r.exit_code, r.stdout, r.stderr

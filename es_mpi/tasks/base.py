@@ -77,30 +77,37 @@ class Task:
                        fields={k: record[k] for k in self.record_fields})
 
 
-def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict]:
-    """Read a JSONL file; every error names the file and line number."""
+def iter_jsonl(path: str | Path, error=TaskDataError, what: str = "dataset"):
+    """Yield (line number, object) of a JSONL file, skipping blank lines.
+    Every problem raises `error` naming the file and line."""
     p = Path(path)
     if not p.is_file():
-        raise TaskDataError(f"{p}: dataset file not found")
-    rows: list[dict] = []
-    required = tuple(required)
+        raise error(f"{p}: {what} file not found")
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise TaskDataError(f"{p}: cannot read dataset ({e.__class__.__name__}: {e})") from None
+        raise error(f"{p}: cannot read {what} ({e.__class__.__name__}: {e})") from None
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise TaskDataError(f"{p}:{i}: malformed JSON ({e.msg})") from None
+            raise error(f"{p}:{i}: malformed JSON ({e.msg})") from None
         if not isinstance(row, dict):
-            raise TaskDataError(f"{p}:{i}: expected a JSON object")
+            raise error(f"{p}:{i}: expected a JSON object")
+        yield i, row
+
+
+def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict]:
+    """Read a JSONL dataset; every error names the file and line number."""
+    rows: list[dict] = []
+    required = tuple(required)
+    for i, row in iter_jsonl(path):
         miss = [k for k in required if k not in row]
         if miss:
-            raise TaskDataError(f"{p}:{i}: missing field(s) {', '.join(miss)}")
+            raise TaskDataError(f"{path}:{i}: missing field(s) {', '.join(miss)}")
         rows.append(row)
     if not rows:
-        raise TaskDataError(f"{p}: dataset is empty")
+        raise TaskDataError(f"{path}: dataset is empty")
     return rows

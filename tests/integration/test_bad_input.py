@@ -20,26 +20,13 @@ from pathlib import Path
 
 import h5py
 import pytest
-import torch
 
-from conftest import ROOT, VENV_BIN, run, run_env
+from conftest import ROOT, VENV_BIN, cli_train, run, run_env
 from es_mpi import checkpoint
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
 
 
-def cli_train(*args: str):
-    """`es-mpi train ARGS` in this process: (exit code, stdout, stderr)."""
-    from click.testing import CliRunner
-
-    from es_mpi.cli import main
-
-    threads = torch.get_num_threads()
-    try:
-        r = CliRunner().invoke(main, ["train", *args], catch_exceptions=False)
-    finally:
-        torch.set_num_threads(threads)
-    return r.exit_code, r.stdout, r.stderr
 
 
 def snapshot(d: Path):

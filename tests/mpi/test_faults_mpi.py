@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, final_digest, mpiexec_cmd, run_env
+from conftest import ROOT, cli_train, final_digest, mpiexec_cmd, run_env
 from es_mpi import checkpoint, config
 from es_mpi.comm import serial
 from es_mpi.model import weights_digest
@@ -67,18 +67,6 @@ def flaky(faults: dict, generations=None, population=N) -> list[str]:
     return [f"task.options={opts!r}".replace("'", '"')]
 
 
-def cli_train(*args: str):
-    """`es-mpi train ARGS` in this process (rank 0 of 1): (exit code, stdout, stderr)."""
-    from click.testing import CliRunner
-
-    from es_mpi.cli import main
-
-    threads = torch.get_num_threads()
-    try:
-        r = CliRunner().invoke(main, ["train", *args], catch_exceptions=False)
-    finally:
-        torch.set_num_threads(threads)
-    return r.exit_code, r.stdout, r.stderr
 
 
 def train_ok(run_dir: Path, *sets: str, resume: bool = False) -> tuple[str, str]:
