@@ -204,6 +204,8 @@ def format_table(res: dict) -> str:
         ("ES efficiency (a)/(b)", f"{res['es_efficiency']:.3f}"),
     ]
     rows += [(f"  {p[2:]}", f"{b[p]:.3f} s  {100 * sh[p]:6.2f} %") for p in PHASES]
+    if b["t_update"] == 0:
+        rows += [("  WARNING", "no update was timed: every shaped score was 0 (choose a task with varied rewards)")]
     n = res["noise"]
     rows += [("decode tokens/s (ES phase, rank 0)", f"{res['decode_tokens_per_s']:.1f}")]
     if "gpu_peak_bytes_es" in res:

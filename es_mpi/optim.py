@@ -2,19 +2,18 @@
 
 Both work one tensor at a time (`step_tensor`), so the update never holds a
 second full copy of the parameters: the accumulator is one tensor's size.
-They return the new value instead of writing it, so the caller can refuse a
-non-finite result before it touches the master.
+They return the step instead of applying it, so the caller can refuse a
+non-finite step before it touches the master; `acc` is the caller's scratch
+and may be overwritten.
 """
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
 
 
 class SGD:
-    """theta += scale * sum_k c_k eps_k (the paper's update when scale = alpha/N)."""
+    """step = scale * sum_k c_k eps_k (the paper's update when scale = alpha/N)."""
 
     def __init__(self, names: list[str]):
         self.names = list(names)
@@ -25,7 +24,8 @@ class SGD:
 
     def step_tensor(self, i: int, theta: torch.Tensor, acc: torch.Tensor, scale: float, grad_scale: float,
                     alpha: float) -> torch.Tensor:
-        return theta + acc * scale
+        """The step for tensor i (in place in acc: no allocation)."""
+        return acc.mul_(scale)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return {"t": np.array(self.t, dtype=np.int64)}
@@ -51,7 +51,7 @@ class Adam(SGD):
         bc1 = 1 - self.beta1 ** self.t
         bc2 = 1 - self.beta2 ** self.t
         denom = (self.v[i] / bc2).sqrt_().add_(self.eps)
-        return theta + (alpha / bc1) * self.m[i] / denom
+        return (alpha / bc1) * self.m[i] / denom
 
     def state_dict(self):
         out = super().state_dict()
@@ -74,6 +74,3 @@ def make_optimizer(kind: str, names, shapes, beta1=0.9, beta2=0.999, eps=1e-8, d
         return Adam(names, shapes, beta1, beta2, eps, device)
     raise ValueError(f"unknown optimizer {kind!r}")
 
-
-def is_finite(x: float) -> bool:
-    return math.isfinite(x)

@@ -85,12 +85,12 @@ class Weights:
                     continue
                 noise.tensor(generation, k, i, m.shape, out=eps)
                 acc.add_(eps, alpha=c)
-            new = opt.step_tensor(i, m, acc, plan.scale, plan.grad_scale, alpha)
-            if not bool(torch.isfinite(new).all()):
+            delta = opt.step_tensor(i, m, acc, plan.scale, plan.grad_scale, alpha)
+            if not bool(torch.isfinite(delta).all()):
                 raise RunAborted(f"generation {generation}: non-finite update in tensor {self.names[i]}; "
                                  "refused (the last checkpoint is intact)")
-            sq += float(torch.sum((new - m).double() ** 2))
-            m.copy_(new)
+            sq += float(torch.linalg.vector_norm(delta)) ** 2
+            m.add_(delta)
             self.version += 1
         self.restore()
         return sq ** 0.5

@@ -117,7 +117,7 @@ def test_adam_state_matches_hand_computation():
     opt = Adam(["p"], [(2,)], beta1=0.9, beta2=0.99, eps=1e-8)
     for t in (1, 2):
         opt.begin()
-        theta = opt.step_tensor(0, theta, g, 0.0, 1.0, alpha=0.1)
+        theta = theta + opt.step_tensor(0, theta, g, 0.0, 1.0, alpha=0.1)
         m = (1 - 0.9 ** t) * g              # constant gradient: m_t = (1 - b1^t) g
         v = (1 - 0.99 ** t) * g * g
         assert torch.allclose(opt.m[0], m) and torch.allclose(opt.v[0], v)
