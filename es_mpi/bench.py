@@ -31,7 +31,6 @@ import torch
 from .comm import Comm, serial
 from .generation import _greedy_config, decode, format_prompts
 from .noise import prompt_batch
-from .rundir import log
 from .trainer import Trainer
 
 PHASES = ("t_materialise", "t_decode", "t_reward", "t_exchange", "t_update", "t_digest")
@@ -238,4 +237,4 @@ def write_json(path: str, res: dict) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["run_bench", "format_table", "write_json", "log"]
+__all__ = ["run_bench", "format_table", "write_json"]

@@ -46,6 +46,16 @@ def _run(fn, comm_box: list):
         _fail(comm, e, comm_box[1] if len(comm_box) > 1 else True)
 
 
+def _world():
+    """MPI communicator with rank-aware logging, for the commands that run on ranks."""
+    from . import comm as comm_mod
+    from .rundir import setup_logging
+
+    comm = comm_mod.init()
+    setup_logging(comm)
+    return comm
+
+
 def _default_config() -> Path | None:
     if DEFAULT_CONFIG.is_file():
         return DEFAULT_CONFIG
@@ -71,14 +81,11 @@ def main():
 @click.option("--force", is_flag=True, help="With --resume: accept trajectory-changing config changes.")
 def train(config_path, overrides, run_dir, resume, force):
     """Run ES training (on every rank of the MPI job)."""
-    from . import comm as comm_mod
     from . import config as config_mod
     from . import signals
-    from .rundir import setup_logging
 
-    comm = comm_mod.init()
+    comm = _world()
     prev_signals = signals.catch_stop_signals()  # a stop signal during set-up stops after the first generation
-    setup_logging(comm)
     box = [comm, True]
 
     def body():
@@ -121,12 +128,9 @@ def train(config_path, overrides, run_dir, resume, force):
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None, help="Per-prompt JSONL.")
 def eval_cmd(config_path, overrides, ckpt, model_path, split, limit, out_path):
     """Greedy-decode and score a task split, sharded over the MPI ranks."""
-    from . import comm as comm_mod
     from . import config as config_mod
-    from .rundir import setup_logging
 
-    comm = comm_mod.init()
-    setup_logging(comm)
+    comm = _world()
     box = [comm, True]
 
     def body():
@@ -149,12 +153,9 @@ def eval_cmd(config_path, overrides, ckpt, model_path, split, limit, out_path):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write figures here.")
 def bench(config_path, overrides, generations, compare_ranks, json_path):
     """ES generations against pure inference on the same work (run on 1+ ranks)."""
-    from . import comm as comm_mod
     from . import config as config_mod
-    from .rundir import setup_logging
 
-    comm = comm_mod.init()
-    setup_logging(comm)
+    comm = _world()
     box = [comm, True]
 
     def body():

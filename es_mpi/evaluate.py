@@ -18,11 +18,9 @@ from .comm import Comm, default_threads
 from .errors import UserError
 from .model import DTYPES
 from .rundir import log
-from .scoring import RAISED, NONFINITE, TIMEOUT, generate_and_score, summarize
+from .scoring import STATUS_TEXT, generate_and_score, summarize
 from .trainer import load_task, setup_model
 from .weights import Weights
-
-STATUS_TEXT = {RAISED: "reward raised", NONFINITE: "non-finite reward", TIMEOUT: "reward timed out"}
 
 
 def run_eval(cfg, comm: Comm, split: str, limit: int, out_path: str | None, ckpt_path: str | None) -> dict:

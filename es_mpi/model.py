@@ -19,7 +19,6 @@ import contextlib
 import hashlib
 import importlib.util
 import io
-import json
 import os
 import shutil
 import sys
@@ -241,7 +240,3 @@ def weights_digest(tensors) -> str:
         h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
 
-
-def model_identity(folder: Path) -> dict:
-    cfg = json.loads((folder / "config.json").read_text())
-    return {"model_type": cfg.get("model_type", ""), "architectures": cfg.get("architectures", [])}

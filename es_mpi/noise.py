@@ -41,11 +41,6 @@ def member_noise(member: int, antithetic: bool) -> MemberNoise:
     return MemberNoise(member, 1)
 
 
-def noise_indices(population: int, antithetic: bool) -> list[int]:
-    """Distinct noise draws of a generation, in member order."""
-    return list(range(population // 2 if antithetic else population))
-
-
 class NoiseSource:
     """Regenerates any tensor's noise for (seed, generation, index).
 

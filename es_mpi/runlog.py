@@ -39,7 +39,6 @@ from .errors import UserError
 SCHEMA_VERSION = 1
 KIND = "es-mpi-log"
 TIMINGS = ("t_materialise", "t_decode", "t_reward", "t_exchange", "t_update", "t_digest", "t_total")
-STATUS = {0: "ok", 1: "reward raised", 2: "non-finite reward", 3: "reward timed out"}
 # name -> (dtype, per-generation shape given N, B)
 GEN_FIELDS: dict[str, tuple[Any, str]] = {
     "rewards": (np.float64, "N"), "status": (np.int8, "N"), "valid": (np.int8, "N"),

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
-from .scoring import score_one
+from .scoring import OK, STATUS_TEXT, score_one
 from .tasks import TaskDataError, UnknownTask, make_task
 from .tasks.base import iter_jsonl
 
@@ -36,10 +36,10 @@ def score_file(task_name: str, input_path: str, output_path: str = "-", options=
             raise UserError(str(e)) from None
         s = score_one(task, ex, rec["response"], timeout)
         out = dict(rec)
-        out["reward"] = s.reward if s.status == 0 else None
+        out["reward"] = s.reward if s.status == OK else None
         out.update(s.components)
-        if s.status != 0:
-            out["error"] = {1: "reward raised", 2: "non-finite reward", 3: "reward timed out"}[s.status]
+        if s.status != OK:
+            out["error"] = STATUS_TEXT[s.status]
         lines_out.append(json.dumps(out))
     payload = "".join(l + "\n" for l in lines_out)
     if output_path == "-":

@@ -16,6 +16,7 @@ from .generation import decode, format_prompts
 from .tasks import Example, Task
 
 OK, RAISED, NONFINITE, TIMEOUT = 0, 1, 2, 3
+STATUS_TEXT = {OK: "ok", RAISED: "reward raised", NONFINITE: "non-finite reward", TIMEOUT: "reward timed out"}
 
 
 @dataclass(frozen=True)

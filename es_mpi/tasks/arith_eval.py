@@ -179,13 +179,6 @@ def evaluate(expr: str) -> int | float | complex:
     return vals[0]
 
 
-def try_evaluate(expr: str) -> int | float | complex | None:
-    try:
-        return evaluate(expr)
-    except ExpressionError:
-        return None
-
-
 # ---------------------------------------------------------------- countdown reward
 # The reference uses the regexes in the comments below.  Their lazy '.*?' can take
 # quadratic time on adversarial text, so the same languages are matched with
