@@ -1,10 +1,10 @@
 """SGD and Adam on the ES estimate, with explicit fp32 state.
 
-Both work one tensor at a time (`step_tensor`), so the update never holds a
-second full copy of the parameters: the accumulator is one tensor's size.
-They return the step instead of applying it, so the caller can refuse a
-non-finite step before it touches the master; `acc` is the caller's scratch
-and may be overwritten.
+Both work on one part of one tensor at a time (`step_tensor`, called per
+noise block), so the update never holds a second full copy of the parameters:
+the accumulator is one block's size.  They return the step instead of applying
+it, so the caller can refuse a non-finite step before it touches the master;
+`acc` is the caller's scratch and may be overwritten.
 """
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ class SGD:
         self.t += 1
 
     def step_tensor(self, i: int, theta: torch.Tensor, acc: torch.Tensor, scale: float, grad_scale: float,
-                    alpha: float) -> torch.Tensor:
-        """The step for tensor i (in place in acc: no allocation)."""
+                    alpha: float, part: slice = slice(None)) -> torch.Tensor:
+        """The step for elements `part` of tensor i, flattened (`theta` and
+        `acc` are those elements).  SGD: in place in acc, no allocation."""
         return acc.mul_(scale)
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -44,14 +45,15 @@ class Adam(SGD):
         self.m = [torch.zeros(s, dtype=torch.float32, device=device) for s in shapes]
         self.v = [torch.zeros(s, dtype=torch.float32, device=device) for s in shapes]
 
-    def step_tensor(self, i, theta, acc, scale, grad_scale, alpha):
-        g = acc * grad_scale
-        self.m[i].mul_(self.beta1).add_(g, alpha=1 - self.beta1)
-        self.v[i].mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+    def step_tensor(self, i, theta, acc, scale, grad_scale, alpha, part=slice(None)):
+        m, v = self.m[i].view(-1)[part], self.v[i].view(-1)[part]
+        g = acc.view(-1) * grad_scale
+        m.mul_(self.beta1).add_(g, alpha=1 - self.beta1)
+        v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
         bc1 = 1 - self.beta1 ** self.t
         bc2 = 1 - self.beta2 ** self.t
-        denom = (self.v[i] / bc2).sqrt_().add_(self.eps)
-        return (alpha / bc1) * self.m[i] / denom
+        denom = (v / bc2).sqrt_().add_(self.eps)
+        return ((alpha / bc1) * m / denom).view(acc.shape)
 
     def state_dict(self):
         out = super().state_dict()

@@ -5,8 +5,10 @@ Exact restore: the working weights are always *materialised* from the master,
 un-perturbed in place (which drifts by an ulp in ~7 % of bf16 weights per
 cycle in the reference code).  `restore()` is `working = cast(master)`.
 
+Both passes work one noise block (noise.BLOCK elements) at a time.
 Cost per member: one pass over P parameters that draws P normals and writes P
-working values; one fp32 scratch buffer the size of the largest tensor.
+working values.  Memory: two fp32 scratch buffers of one block (32 MB), not of
+the largest tensor; SmolLM2's tied embedding would make that 2 x 113 MB.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 from .errors import RunAborted
 from .es import UpdatePlan
 from .model import weights_digest
-from .noise import MemberNoise, NoiseSource
+from .noise import BLOCK, MemberNoise, NoiseSource, blocks
 from .optim import SGD
 
 
@@ -30,10 +32,13 @@ class Weights:
         self.master = [p.detach().to(torch.float32).clone().contiguous() for _, p in named]
         model.to(working_dtype)
         self.working = [p for _, p in model.named_parameters()]
+        if not all(w.is_contiguous() for w in self.working):
+            raise ValueError("model parameters must be contiguous (block-wise noise addresses them flat)")
         self.device = self.master[0].device
-        biggest = max(t.numel() for t in self.master)
-        self._eps = torch.empty(biggest, dtype=torch.float32, device=self.device)
-        self._tmp = torch.empty(biggest, dtype=torch.float32, device=self.device)
+        self._blocks = [blocks(m.numel()) for m in self.master]
+        scratch = min(BLOCK, max(t.numel() for t in self.master))
+        self._eps = torch.empty(scratch, dtype=torch.float32, device=self.device)
+        self._tmp = torch.empty(scratch, dtype=torch.float32, device=self.device)
         self.n_params = sum(t.numel() for t in self.master)
         # digest cache: hashing the master costs ~1 s per 500 MB and the end of a
         # run asks for it three times (agreement, checkpoint, final line)
@@ -42,20 +47,28 @@ class Weights:
         self.restore()
 
     # -- members -----------------------------------------------------------
-    def _scratch(self, buf: torch.Tensor, shape) -> torch.Tensor:
-        return buf[: int(np.prod(shape))].view(shape)
+    @torch.no_grad()
+    def draw(self, noise: NoiseSource, generation: int, index: int) -> None:
+        """Draw one member's noise into scratch and drop it (bench: the cost of
+        the noise alone)."""
+        for i, bl in enumerate(self._blocks):
+            for b, s, e in bl:
+                noise.block(generation, index, i, b, self._eps[: e - s])
 
     @torch.no_grad()
     def materialise(self, noise: NoiseSource, generation: int, mn: MemberNoise, sigma: float) -> None:
-        """working_i = cast(master_i + sigma * sign * eps_i), tensor by tensor."""
+        """working_i = cast(master_i + sigma * sign * eps_i), block by block."""
+        alpha = sigma * mn.sign
         for i, (m, w) in enumerate(zip(self.master, self.working)):
-            eps = noise.tensor(generation, mn.index, i, m.shape, out=self._scratch(self._eps, m.shape))
-            if w.dtype == torch.float32:
-                torch.add(m, eps, alpha=sigma * mn.sign, out=w.data)
-            else:
-                tmp = self._scratch(self._tmp, m.shape)
-                torch.add(m, eps, alpha=sigma * mn.sign, out=tmp)
-                w.data.copy_(tmp)
+            mf, wf = m.view(-1), w.data.view(-1)
+            for b, s, e in self._blocks[i]:
+                eps = noise.block(generation, mn.index, i, b, self._eps[: e - s])
+                if w.dtype == torch.float32:
+                    torch.add(mf[s:e], eps, alpha=alpha, out=wf[s:e])
+                else:
+                    tmp = self._tmp[: e - s]
+                    torch.add(mf[s:e], eps, alpha=alpha, out=tmp)
+                    wf[s:e].copy_(tmp)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -66,32 +79,35 @@ class Weights:
     @torch.no_grad()
     def apply_update(self, noise: NoiseSource, generation: int, plan: UpdatePlan, opt: SGD,
                      alpha: float) -> float:
-        """theta += step(sum_k c_k eps_k), per tensor, members in draw order on
-        every rank (so the fp32 sums are bitwise identical everywhere).
+        """theta += step(sum_k c_k eps_k), block by block, members in draw
+        order on every rank (so the fp32 sums are bitwise identical everywhere;
+        each element's sum is the same whatever the block size).  The block's
+        accumulator stays in cache while the K draws are added to it.
         Returns the update's L2 norm.  Cost: K x P normals per call.
-        A non-finite result is refused before it is written to that tensor;
-        the run must then stop (earlier tensors may already hold the step)."""
+        A non-finite result is refused before it is written to that block;
+        the run must then stop (earlier blocks may already hold the step)."""
         if plan.empty:
             return 0.0
         opt.begin()
         coeffs = [float(c) for c in plan.coeffs_K]
         sq = 0.0
+        self.version += 1
         for i, m in enumerate(self.master):
-            acc = self._scratch(self._tmp, m.shape)
-            acc.zero_()
-            eps = self._scratch(self._eps, m.shape)
-            for k, c in enumerate(coeffs):
-                if c == 0.0:
-                    continue
-                noise.tensor(generation, k, i, m.shape, out=eps)
-                acc.add_(eps, alpha=c)
-            delta = opt.step_tensor(i, m, acc, plan.scale, plan.grad_scale, alpha)
-            if not bool(torch.isfinite(delta).all()):
-                raise RunAborted(f"generation {generation}: non-finite update in tensor {self.names[i]}; "
-                                 "refused (the last checkpoint is intact)")
-            sq += float(torch.linalg.vector_norm(delta)) ** 2
-            m.add_(delta)
-            self.version += 1
+            mf = m.view(-1)
+            for b, s, e in self._blocks[i]:
+                acc, eps = self._tmp[: e - s], self._eps[: e - s]
+                acc.zero_()
+                for k, c in enumerate(coeffs):
+                    if c == 0.0:
+                        continue
+                    noise.block(generation, k, i, b, eps)
+                    acc.add_(eps, alpha=c)
+                delta = opt.step_tensor(i, mf[s:e], acc, plan.scale, plan.grad_scale, alpha, part=slice(s, e))
+                if not bool(torch.isfinite(delta).all()):
+                    raise RunAborted(f"generation {generation}: non-finite update in tensor {self.names[i]}; "
+                                     "refused (the last checkpoint is intact)")
+                sq += float(torch.linalg.vector_norm(delta)) ** 2
+                mf[s:e].add_(delta)
         self.restore()
         return sq ** 0.5
 

@@ -1,7 +1,13 @@
 """Exact restore and materialisation from the fp32 master."""
+import hashlib
+
+import numpy as np
 import torch
 
-from es_mpi.noise import NoiseSource, member_noise
+from es_mpi.es import plan_update
+from es_mpi.model import weights_digest
+from es_mpi.noise import BLOCK, NoiseSource, blocks, member_noise
+from es_mpi.optim import SGD, Adam
 from es_mpi.weights import Weights
 
 
@@ -44,3 +50,68 @@ def test_materialise_is_cast_of_master_plus_noise():
     for i, (m, p) in enumerate(zip(w.master, model.parameters())):
         expect = (m - 0.02 * src.tensor(2, 2, i, m.shape)).to(torch.bfloat16)
         assert torch.equal(p, expect)
+
+
+def _multi_block_model():
+    """An embedding of 2 noise blocks + 4 096 elements, tied to nothing, and a small bias."""
+    torch.manual_seed(0)
+    rows = (2 * BLOCK + 4096) // 1024
+    return torch.nn.Sequential(torch.nn.Embedding(rows, 1024), torch.nn.Linear(1024, 3))
+
+
+def test_noise_blocks_are_independent_streams_that_compose_the_tensor():
+    src = NoiseSource(5)
+    n = BLOCK + 5000
+    full = src.tensor(1, 2, 3, (n,))
+    assert [(b, s, e) for b, s, e in blocks(n)] == [(0, 0, BLOCK), (1, BLOCK, n)]
+    one = src.block(1, 2, 3, 1, torch.empty(n - BLOCK))
+    assert torch.equal(full[BLOCK:], one)              # a block drawn alone is the tensor's slice
+    a, b = full[:5000].numpy(), full[BLOCK:].numpy()
+    assert abs(float(np.corrcoef(a, b)[0, 1])) < 0.05  # blocks do not repeat one stream
+
+
+def test_multi_block_materialise_update_and_scratch_size():
+    model = _multi_block_model()
+    w = Weights(model, torch.bfloat16)
+    assert w._eps.numel() == BLOCK and w._tmp.numel() == BLOCK   # scratch is one block, not the embedding
+    src = NoiseSource(9)
+    w.materialise(src, 0, member_noise(3, True), 0.01)
+    for i, (m, p) in enumerate(zip(w.master, model.parameters())):
+        assert torch.equal(p, torch.add(m, src.tensor(0, 1, i, m.shape), alpha=-0.01).to(torch.bfloat16))
+    theta0 = [m.clone() for m in w.master]
+    z = np.array([1.0, -0.5])
+    plan = plan_update(z, np.ones(2, bool), False, alpha=0.1, sigma=0.01, step="paper")
+    w.apply_update(src, 0, plan, SGD(w.names), 0.1)
+    for i, t0 in enumerate(theta0):
+        acc = torch.zeros_like(t0)
+        for k in range(2):   # same order as the engine: per element the same fp32 sums
+            acc.add_(src.tensor(0, k, i, t0.shape), alpha=float(plan.coeffs_K[k]))
+        assert torch.equal(w.master[i], t0 + acc.mul_(plan.scale))
+
+
+def test_adam_by_blocks_equals_adam_on_whole_tensors():
+    model = _multi_block_model()
+    w = Weights(model, torch.float32)
+    theta0 = [m.clone() for m in w.master]
+    src = NoiseSource(9)
+    opt = Adam(w.names, w.shapes, 0.9, 0.999, 1e-8)
+    ref = Adam(w.names, w.shapes, 0.9, 0.999, 1e-8)
+    z = np.array([1.0, -0.5])
+    plan = plan_update(z, np.ones(2, bool), False, alpha=0.1, sigma=0.01, step="gradient")
+    w.apply_update(src, 0, plan, opt, 0.1)
+    ref.begin()
+    for i, t0 in enumerate(theta0):
+        acc = torch.zeros_like(t0)
+        for k in range(2):
+            acc.add_(src.tensor(0, k, i, t0.shape), alpha=float(plan.coeffs_K[k]))
+        step = ref.step_tensor(i, t0, acc, plan.scale, plan.grad_scale, 0.1)
+        assert torch.equal(w.master[i], t0 + step)
+        assert torch.equal(opt.m[i], ref.m[i]) and torch.equal(opt.v[i], ref.v[i])
+
+
+def test_digest_streams_without_copying_and_equals_whole_tensor_hash():
+    ts = [torch.randn(5, 7), torch.randn(3), torch.randn(100)]
+    h = hashlib.sha256()
+    for t in ts:
+        h.update(t.numpy().tobytes())
+    assert weights_digest(ts) == weights_digest(ts, chunk=7) == h.hexdigest()
