@@ -84,6 +84,19 @@ def noise_throughput(trainer: Trainer) -> dict:
             "noise_bytes_over_copy_bandwidth": (4 * n / t_noise) / (2 * 4 * n / t_copy)}
 
 
+def allgather_latency(trainer: Trainer, comm: Comm, calls: int = 20) -> float:
+    """The exchange's own cost: the trainer's Allgather (same buffer size),
+    each call after a barrier so no rank waits for another; the median of
+    `calls`.  The trainer's t_exchange also holds the wait for the slowest
+    rank, which is load imbalance, not communication."""
+    buf = np.zeros(1 + 3 * trainer.slot)
+    times = []
+    for _ in range(calls):
+        comm.barrier()
+        times.append(_timed(comm.allgather_floats, buf)[1])
+    return float(np.median(times))
+
+
 def decode_vs_generate(trainer: Trainer, texts: list[str]) -> dict:
     """Our decode (stop strings, EOS cut) vs a plain greedy model.generate, same batch."""
     cfg, model, tok = trainer.cfg, trainer.model, trainer.tok
@@ -155,6 +168,7 @@ def run_bench(cfg, comm: Comm, generations: int = 1, compare_ranks: bool = False
             "es_efficiency": float(np.mean(t_a)) / total_b,
             "breakdown_s": phases, "breakdown_share": {p: v / total_b for p, v in phases.items()},
             "noise": noise_throughput(trainer),
+            "allgather_latency_s": allgather_latency(trainer, comm),
             "decode_tokens_per_s": tokens / (phases["t_decode"] * generations) if phases["t_decode"] else 0.0,
         })
         if gpu_peak:
@@ -202,7 +216,10 @@ def format_table(res: dict) -> str:
         ("(b) ES s/gen", f"{res['time_es_s']:.3f}"),
         ("ES efficiency (a)/(b)", f"{res['es_efficiency']:.3f}"),
     ]
-    rows += [(f"  {p[2:]}", f"{b[p]:.3f} s  {100 * sh[p]:6.2f} %") for p in PHASES]
+    label = {"t_exchange": "exchange (incl. wait for slowest rank)"}
+    rows += [(f"  {label.get(p, p[2:])}", f"{b[p]:.3f} s  {100 * sh[p]:6.2f} %") for p in PHASES]
+    lat = res["allgather_latency_s"]
+    rows += [("Allgather alone (same buffer)", f"{1e3 * lat:.3f} ms  {100 * lat / res['time_es_s']:.4f} %")]
     if b["t_update"] == 0:
         rows += [("  WARNING", "no update was timed: every shaped score was 0 (choose a task with varied rewards)")]
     n = res["noise"]

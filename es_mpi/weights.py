@@ -81,8 +81,7 @@ class Weights:
                      alpha: float) -> float:
         """theta += step(sum_k c_k eps_k), block by block, members in draw
         order on every rank (so the fp32 sums are bitwise identical everywhere;
-        each element's sum is the same whatever the block size).  The block's
-        accumulator stays in cache while the K draws are added to it.
+        each element's sum is the same whatever the block size).
         Returns the update's L2 norm.  Cost: K x P normals per call.
         A non-finite result is refused before it is written to that block;
         the run must then stop (earlier blocks may already hold the step)."""

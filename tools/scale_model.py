@@ -19,7 +19,8 @@ is the generation time):
 Unit costs from the bench JSON (measured at P0 parameters on R0 ranks):
     r_mat = members_per_rank * P0 / t_materialise
     r_upd = K0 * P0 / t_update
-    tps0  = decode_tokens_per_s,   x0 = t_exchange
+    tps0  = decode_tokens_per_s,   x0 = allgather_latency_s (the collective
+            alone; older bench files: t_exchange, which includes waiting)
 Decode throughput is assumed inversely proportional to the parameter count
 (both the memory traffic and the FLOPs per token scale with P); noise and
 update rates are per parameter and do not depend on P.  Use a bench JSON from
@@ -47,7 +48,7 @@ def unit_costs(bench: dict) -> dict:
     if not b["t_update"] or not b["t_materialise"] or not bench.get("decode_tokens_per_s"):
         raise ValueError("bench JSON lacks update/materialise/decode timings (was the update empty?)")
     return {"P0": P0, "R0": bench["ranks"], "r_mat": bench["members_per_rank"] * P0 / b["t_materialise"],
-            "r_upd": K0 * P0 / b["t_update"], "tps0": bench["decode_tokens_per_s"], "x0": b["t_exchange"]}
+            "r_upd": K0 * P0 / b["t_update"], "tps0": bench["decode_tokens_per_s"], "x0": bench.get("allgather_latency_s", b["t_exchange"])}
 
 
 def predict(u: dict, P: float, N: int, R: int, B: int, L: int, antithetic: bool) -> dict:
