@@ -1,2 +1,2 @@
 """es-mpi: fine-tune language models with evolution strategies over MPI."""
-__version__ = "0.1.0"
+__version__ = "0.2.0"

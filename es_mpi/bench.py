@@ -219,7 +219,7 @@ def format_table(res: dict) -> str:
     label = {"t_exchange": "exchange (incl. wait for slowest rank)"}
     rows += [(f"  {label.get(p, p[2:])}", f"{b[p]:.3f} s  {100 * sh[p]:6.2f} %") for p in PHASES]
     lat = res["allgather_latency_s"]
-    rows += [("Allgather alone (same buffer)", f"{1e3 * lat:.3f} ms  {100 * lat / res['time_es_s']:.4f} %")]
+    rows += [("Allgather alone (same buffer)", f"{1e3 * lat:.3f} ms  {100 * lat / res['time_es_s']:.2g} %")]
     if b["t_update"] == 0:
         rows += [("  WARNING", "no update was timed: every shaped score was 0 (choose a task with varied rewards)")]
     n = res["noise"]

@@ -4,7 +4,8 @@ Contents (schema 1):
   /weights/<name>     fp32 master, one dataset per parameter, named as in the HF state dict
   /optimizer/<key>    optimizer state (t, m/<name>, v/<name> for Adam)
   attrs: kind, schema_version, es_mpi_version, generation (generations done),
-         seed, config (YAML), digest (SHA-256 of the weights, see model.weights_digest),
+         seed, config (YAML), noise_scheme (noise.SCHEME), digest (SHA-256 of the weights,
+         see model.weights_digest),
          base_model, names (parameter order)
 
 Written as a temporary file in the same folder, fsynced, then renamed, then the

@@ -27,6 +27,15 @@ _MASK63 = (1 << 63) - 1
 # microseconds, plus a kernel launch on CUDA) per block, i.e. ~2 000 per member
 # on an 8B model, far below drawing the block's 4 M normals.
 BLOCK = 1 << 22
+# Names this definition in run logs and checkpoints, so that resume and replay
+# refuse a run whose noise was drawn otherwise.  Files without it come from
+# es-mpi 0.1, which drew one stream per whole tensor (LEGACY_SCHEME).
+SCHEME = f"blake2b-block{BLOCK}"
+LEGACY_SCHEME = "blake2b-tensor"
+
+
+def scheme_of(attrs) -> str:
+    return str(attrs.get("noise_scheme", LEGACY_SCHEME))
 
 
 def blocks(numel: int) -> list[tuple[int, int, int]]:

@@ -21,7 +21,7 @@ from . import checkpoint
 from .comm import pick_device, serial
 from .errors import UserError
 from .model import DTYPES, load_model, prepare
-from .noise import NoiseSource
+from .noise import SCHEME, NoiseSource, scheme_of
 from .optim import make_optimizer
 from .runlog import read_run
 from .update import apply_generation_update
@@ -47,6 +47,9 @@ def replay(run_dir: str | Path, generation: int, out: str | Path) -> dict:
     run = read_run(run_dir)
     path, cfg, gen, attrs = run["path"], run["config"], run["gen"], run["attrs"]
     _check_replayable(run, path, generation)
+    if scheme_of(attrs) != SCHEME:
+        raise UserError(f"{path}: the run drew its noise as {scheme_of(attrs)}, this es-mpi draws {SCHEME}; "
+                        "its updates cannot be replayed (use the es-mpi version that wrote it)")
     es = cfg.es
     folder = prepare(cfg.model.path, cfg.model.tiny_seed, cfg.model.cache_dir)
     device = pick_device(cfg.model.device, serial())
@@ -69,7 +72,8 @@ def replay(run_dir: str | Path, generation: int, out: str | Path) -> dict:
             raise UserError(f"{path}: replay departs from the log at generation {g} (update norm {upd.norm:.6g}, "
                             f"logged {logged:.6g}); was the run resumed with --force and a changed config, "
                             "or trained on another device type?")
-    out_attrs = {"seed": es.seed, "config": str(attrs.get("config", "")), "digest": weights.digest(),
+    out_attrs = {"seed": es.seed, "config": str(attrs.get("config", "")), "noise_scheme": SCHEME,
+                 "digest": weights.digest(),
                  "base_model": cfg.model.path, "base_model_digest": base_digest,
                  "replayed_from": str(path)}
     checkpoint.write(out, generation, weights.state_dict(), opt.state_dict(), out_attrs)

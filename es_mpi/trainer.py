@@ -20,7 +20,7 @@ from .comm import Comm, default_threads, pick_device
 from .signals import catch_stop_signals, clear_stop, ignore_stop_signals, restore_signals, stop_requested
 from .errors import RunAborted, UserError
 from .model import DTYPES, load_model, load_tokenizer, prepare, weights_digest
-from .noise import NoiseSource, member_noise, prompt_batch
+from .noise import SCHEME, NoiseSource, member_noise, prompt_batch, scheme_of
 from .optim import make_optimizer
 from .rundir import RunOutput, check_run_dir
 from .generation import decode, format_prompts
@@ -129,6 +129,9 @@ class Trainer:
         if changed and not force:
             raise UserError(f"--resume: config differs from the run's in {', '.join(changed)}; "
                             "this changes the trajectory (pass --force to resume anyway)")
+        if scheme_of(ck["attrs"]) != SCHEME and not force:
+            raise UserError(f"--resume: {path} was written with noise scheme {scheme_of(ck['attrs'])}, this es-mpi "
+                            f"draws {SCHEME}; this changes the trajectory (pass --force to resume anyway)")
         try:
             self.weights.load_state_dict(ck["weights"])
             self.opt.load_state_dict(ck["optimizer"])
@@ -140,7 +143,7 @@ class Trainer:
 
     def _log_attrs(self) -> dict:
         hosts = sorted(set(self.comm.allgather_json(socket.gethostname())))
-        return {"config": self.config_text, "base_model": self.cfg.model.path,
+        return {"config": self.config_text, "noise_scheme": SCHEME, "base_model": self.cfg.model.path,
                 "base_model_digest": self.base_digest, "world_size": self.comm.size,
                 "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "hosts": ",".join(hosts),
                 "population": self.cfg.es.population,
@@ -268,7 +271,8 @@ class Trainer:
         return stop
 
     def save(self, generations_done: int) -> None:
-        attrs = {"seed": self.cfg.es.seed, "config": self.config_text, "digest": self.weights.digest(),
+        attrs = {"seed": self.cfg.es.seed, "config": self.config_text, "noise_scheme": SCHEME,
+                 "digest": self.weights.digest(),
                  "base_model": self.cfg.model.path, "base_model_digest": self.base_digest}
         path = self.out.checkpoint(generations_done, self.weights.state_dict(), self.opt.state_dict(), attrs,
                                    self.cfg.checkpoint.keep)

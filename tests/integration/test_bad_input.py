@@ -186,6 +186,15 @@ def test_resume_with_a_trajectory_change_needs_force(tmp_path, finished_run):
           expect=["config differs from the run's in es.sigma", "--force"], model_may_load=True)
 
 
+def test_resume_across_a_noise_scheme_change_needs_force(tmp_path, finished_run):
+    d = _copy(finished_run, tmp_path)
+    newest = checkpoint.list_complete(d)[-1][1]
+    with h5py.File(newest, "r+") as f:   # as es-mpi 0.1 wrote it: one noise stream per whole tensor
+        del f.attrs["noise_scheme"]
+    fails(tmp_path, "--resume", run_dir=d, model_may_load=True,
+          expect=[f"{newest} was written with noise scheme blake2b-tensor", "draws blake2b-block4194304", "--force"])
+
+
 # ------------------------------------------------------------------ real processes
 def test_real_process_prints_exactly_one_line(tmp_path):
     t0 = time.monotonic()

@@ -86,6 +86,17 @@ def test_replay_refuses_bad_requests(tiny_run, tmp_path):
     assert code == 2 and "not overwritten" in one_line_error(err, tmp_path / "taken.h5")
 
 
+def test_replay_refuses_a_run_with_another_noise_scheme(tiny_run, tmp_path):
+    run_dir, _ = tiny_run
+    old = tmp_path / "old"
+    shutil.copytree(run_dir, old)
+    with h5py.File(old / "log.h5", "r+") as f:   # as es-mpi 0.1 wrote it
+        del f.attrs["noise_scheme"]
+    code, _, err = cli("replay", old, "--generation", 1, "--out", tmp_path / "x.h5")
+    assert code == 2 and "drew its noise as blake2b-tensor" in one_line_error(err, old / "log.h5")
+    assert not (tmp_path / "x.h5").exists()
+
+
 # -- export -----------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [None, "bf16"])
 def test_export_loads_offline_and_decodes_like_the_master(tiny_run, tmp_path, monkeypatch, dtype):
