@@ -172,6 +172,16 @@ def test_tokenizer_without_pad_gets_eos_and_left_padding_is_exact(tiny_gguf, tmp
     assert all(c.n_tokens >= 1 for c in batched)
 
 
+def test_stop_string_ends_decoding_early_and_saves_tokens(tiny_folder):
+    tok, model = load_tokenizer(tiny_folder), load_model(tiny_folder, "fp32", "cpu")
+    full = decode(model, tok, [TEXTS[0]], max_new_tokens=24)[0]
+    head = decode(model, tok, [TEXTS[0]], max_new_tokens=4)[0]     # the greedy prefix
+    assert full.n_tokens == 24 and full.text.startswith(head.text) and len(full.text) > len(head.text) + 2
+    stop = full.text[len(head.text):len(head.text) + 2]            # reached after about 5 tokens
+    cut = decode(model, tok, [TEXTS[0]], max_new_tokens=24, stop_strings=[stop])[0]
+    assert cut.n_tokens < 10 and cut.text.endswith(stop) and full.text.startswith(cut.text), (cut, full)
+
+
 def test_tokenizer_folder_without_pad_token(tiny_folder, tmp_path):
     from transformers import AutoTokenizer
 
