@@ -3,10 +3,9 @@
 Contents (schema 1):
   /weights/<name>     fp32 master, one dataset per parameter, named as in the HF state dict
   /optimizer/<key>    optimizer state (t, m/<name>, v/<name> for Adam)
-  attrs: kind, schema_version, es_mpi_version, generation (generations done),
-         seed, config (YAML), noise_scheme (noise.SCHEME), digest (SHA-256 of the weights,
-         see model.weights_digest),
-         base_model, names (parameter order)
+  attrs: kind, schema_version, es_mpi_version, noise_scheme (noise.SCHEME),
+         generation (generations done), seed, config (YAML), digest (SHA-256 of
+         the weights, see model.weights_digest), base_model, names (parameter order)
 
 Written as a temporary file in the same folder, fsynced, then renamed, then the
 folder fsynced: a checkpoint file either is complete or does not exist under
@@ -44,6 +43,10 @@ def save(run_dir: str | Path, generation: int, weights: Mapping[str, np.ndarray]
 def write(final: str | Path, generation: int, weights: Mapping[str, np.ndarray],
           optimizer: Mapping[str, np.ndarray], attrs: Mapping[str, Any]) -> Path:
     """Atomically write a checkpoint file at any path (`es-mpi replay --out`)."""
+    # imported here: noise pulls in torch, which the readers of this module
+    # (`es-mpi info`) need not load; every writer has it loaded already
+    from .noise import SCHEME as NOISE_SCHEME
+
     final = Path(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -61,6 +64,7 @@ def write(final: str | Path, generation: int, weights: Mapping[str, np.ndarray],
             f.attrs["kind"] = KIND
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.attrs["es_mpi_version"] = __version__
+            f.attrs["noise_scheme"] = NOISE_SCHEME  # whatever wrote the weights drew this noise
             f.attrs["generation"] = int(generation)
             f.attrs["names"] = list(weights)
             for k, v in attrs.items():

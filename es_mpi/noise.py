@@ -1,4 +1,4 @@
-"""Seed derivation and per-tensor noise (pure functions, no MPI, no state).
+"""Seed derivation and block-wise noise (pure functions, no MPI, no state).
 
 A member's noise is a pure function of (run seed, generation, noise index,
 tensor index, block index): each tensor is cut into blocks of BLOCK elements

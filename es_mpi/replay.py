@@ -36,6 +36,10 @@ def _check_replayable(log: dict, path: Path, generation: int) -> None:
         raise UserError(f"{path}: the log holds {len(gens)} generation(s); cannot replay to {generation}")
     if not np.array_equal(gens[:generation], np.arange(generation)):
         raise UserError(f"{path}: generations are not 0..{generation - 1} in order; cannot replay")
+    scheme = scheme_of(log["attrs"])
+    if scheme != SCHEME:
+        raise UserError(f"{path}: the run drew its noise as {scheme}, this es-mpi draws {SCHEME}; "
+                        "its updates cannot be replayed (use the es-mpi version that wrote it)")
 
 
 def replay(run_dir: str | Path, generation: int, out: str | Path) -> dict:
@@ -47,9 +51,6 @@ def replay(run_dir: str | Path, generation: int, out: str | Path) -> dict:
     run = read_run(run_dir)
     path, cfg, gen, attrs = run["path"], run["config"], run["gen"], run["attrs"]
     _check_replayable(run, path, generation)
-    if scheme_of(attrs) != SCHEME:
-        raise UserError(f"{path}: the run drew its noise as {scheme_of(attrs)}, this es-mpi draws {SCHEME}; "
-                        "its updates cannot be replayed (use the es-mpi version that wrote it)")
     es = cfg.es
     folder = prepare(cfg.model.path, cfg.model.tiny_seed, cfg.model.cache_dir)
     device = pick_device(cfg.model.device, serial())
@@ -72,8 +73,7 @@ def replay(run_dir: str | Path, generation: int, out: str | Path) -> dict:
             raise UserError(f"{path}: replay departs from the log at generation {g} (update norm {upd.norm:.6g}, "
                             f"logged {logged:.6g}); was the run resumed with --force and a changed config, "
                             "or trained on another device type?")
-    out_attrs = {"seed": es.seed, "config": str(attrs.get("config", "")), "noise_scheme": SCHEME,
-                 "digest": weights.digest(),
+    out_attrs = {"seed": es.seed, "config": str(attrs.get("config", "")), "digest": weights.digest(),
                  "base_model": cfg.model.path, "base_model_digest": base_digest,
                  "replayed_from": str(path)}
     checkpoint.write(out, generation, weights.state_dict(), opt.state_dict(), out_attrs)

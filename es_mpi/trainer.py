@@ -129,9 +129,10 @@ class Trainer:
         if changed and not force:
             raise UserError(f"--resume: config differs from the run's in {', '.join(changed)}; "
                             "this changes the trajectory (pass --force to resume anyway)")
-        if scheme_of(ck["attrs"]) != SCHEME and not force:
-            raise UserError(f"--resume: {path} was written with noise scheme {scheme_of(ck['attrs'])}, this es-mpi "
-                            f"draws {SCHEME}; this changes the trajectory (pass --force to resume anyway)")
+        scheme = scheme_of(ck["attrs"])
+        if scheme != SCHEME and not force:
+            raise UserError(f"--resume: {path} was written with noise scheme {scheme}, this es-mpi draws {SCHEME}; "
+                            "this changes the trajectory (pass --force to resume anyway)")
         try:
             self.weights.load_state_dict(ck["weights"])
             self.opt.load_state_dict(ck["optimizer"])
@@ -271,8 +272,7 @@ class Trainer:
         return stop
 
     def save(self, generations_done: int) -> None:
-        attrs = {"seed": self.cfg.es.seed, "config": self.config_text, "noise_scheme": SCHEME,
-                 "digest": self.weights.digest(),
+        attrs = {"seed": self.cfg.es.seed, "config": self.config_text, "digest": self.weights.digest(),
                  "base_model": self.cfg.model.path, "base_model_digest": self.base_digest}
         path = self.out.checkpoint(generations_done, self.weights.state_dict(), self.opt.state_dict(), attrs,
                                    self.cfg.checkpoint.keep)

@@ -48,7 +48,8 @@ def unit_costs(bench: dict) -> dict:
     if not b["t_update"] or not b["t_materialise"] or not bench.get("decode_tokens_per_s"):
         raise ValueError("bench JSON lacks update/materialise/decode timings (was the update empty?)")
     return {"P0": P0, "R0": bench["ranks"], "r_mat": bench["members_per_rank"] * P0 / b["t_materialise"],
-            "r_upd": K0 * P0 / b["t_update"], "tps0": bench["decode_tokens_per_s"], "x0": bench.get("allgather_latency_s", b["t_exchange"])}
+            "r_upd": K0 * P0 / b["t_update"], "tps0": bench["decode_tokens_per_s"],
+            "x0": bench.get("allgather_latency_s", b["t_exchange"])}
 
 
 def predict(u: dict, P: float, N: int, R: int, B: int, L: int, antithetic: bool) -> dict:
