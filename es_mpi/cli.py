@@ -49,7 +49,7 @@ def _run(fn, comm_box: list):
 def _world():
     """MPI communicator with rank-aware logging, for the commands that run on ranks."""
     from . import comm as comm_mod
-    from .rundir import setup_logging
+    from .runs.rundir import setup_logging
 
     comm = comm_mod.init()
     setup_logging(comm)
@@ -69,6 +69,9 @@ def main():
 
     Launch on R ranks with:  mpiexec -n R python -m mpi4py -m es_mpi COMMAND ...
     """
+    from .host import tune_allocator
+
+    tune_allocator()
 
 
 @main.command()
@@ -95,7 +98,6 @@ def train(config_path, overrides, run_dir, resume, force):
         if resume and config_path is None and (Path(run_dir) / "config.yaml").is_file():
             path = Path(run_dir) / "config.yaml"
         cfg = comm.agree(lambda: config_mod.load(path, overrides))
-        config_mod.check_ranks(cfg, comm.size)  # before torch and the model load
         rd = run_dir
         if rd is None:
             stem = Path(path).stem if path else "run"
@@ -136,7 +138,7 @@ def eval_cmd(config_path, overrides, ckpt, model_path, split, limit, out_path):
     def body():
         sets = list(overrides) + ([f"model.path={model_path}"] if model_path else [])
         cfg = comm.agree(lambda: config_mod.load(config_path or _default_config(), sets))
-        from .evaluate import run_eval
+        from .commands.evaluate import run_eval
 
         run_eval(cfg, comm, split, limit, out_path, ckpt)
 
@@ -150,8 +152,10 @@ def eval_cmd(config_path, overrides, ckpt, model_path, split, limit, out_path):
 @click.option("--generations", default=1, type=click.IntRange(min=1), show_default=True,
               help="Generations timed in each phase.")
 @click.option("--compare-ranks", is_flag=True, help="Also run the same generations on one rank.")
+@click.option("--baseline", type=click.Choice(["paper"]), default=None,
+              help="Also run the ES paper's per-member loop on the same work (generations per hour).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write figures here.")
-def bench(config_path, overrides, generations, compare_ranks, json_path):
+def bench(config_path, overrides, generations, compare_ranks, baseline, json_path):
     """ES generations against pure inference on the same work (run on 1+ ranks)."""
     from . import config as config_mod
 
@@ -160,9 +164,9 @@ def bench(config_path, overrides, generations, compare_ranks, json_path):
 
     def body():
         cfg = comm.agree(lambda: config_mod.load(config_path or _default_config(), overrides))
-        from .bench import format_table, run_bench, write_json
+        from .commands.bench import format_table, run_bench, write_json
 
-        res = run_bench(cfg, comm, generations, compare_ranks)
+        res = run_bench(cfg, comm, generations, compare_ranks, baseline or "")
         if comm.is_root:
             click.echo(format_table(res))
             if json_path:
@@ -180,7 +184,7 @@ def bench(config_path, overrides, generations, compare_ranks, json_path):
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE", help="Task option.")
 def score(task_name, input_path, output_path, options):
     """Score responses with a task's reward (no model, no MPI)."""
-    from .score import score_file
+    from .commands.score import score_file
 
     def body():
         score_file(task_name, input_path, output_path, options)
@@ -195,7 +199,7 @@ def score(task_name, input_path, output_path, options):
               help="Checkpoint file to write (not overwritten).")
 def replay(run_dir, generation, out_path):
     """Rebuild the weights after G generations from the base model and log.h5 (serial, no checkpoint)."""
-    from .replay import replay as do_replay
+    from .commands.replay import replay as do_replay
 
     def body():
         res = do_replay(run_dir, generation, out_path)
@@ -211,7 +215,7 @@ def replay(run_dir, generation, out_path):
               help="Weights dtype (default: the run's model.dtype).")
 def export(ckpt, out_path, dtype):
     """Write a checkpoint (or a run dir's newest) as a Hugging Face model folder."""
-    from .export import export as do_export
+    from .commands.export import export as do_export
 
     def body():
         res = do_export(ckpt, out_path, dtype)
@@ -224,7 +228,7 @@ def export(ckpt, out_path, dtype):
 @click.argument("run_dir", type=click.Path())
 def info(run_dir):
     """Summarise a run from its log (also while it is being written)."""
-    from .info import info_lines
+    from .commands.info import info_lines
 
     def body():
         click.echo("\n".join(info_lines(run_dir)))

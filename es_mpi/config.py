@@ -39,7 +39,7 @@ class ESConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     path: str = "builtin:tiny"     # hub id | local HF folder | file.gguf | pkg:<package>/<file> | builtin:tiny
-    dtype: str = "fp32"            # working dtype: fp32 | bf16 | fp16 (master is always fp32)
+    dtype: str = "auto"            # working dtype: auto | fp32 | bf16 | fp16 (master is always fp32)
     device: str = "auto"           # auto | cpu | cuda
     threads: int = 0               # torch threads per rank; 0 = node cores / ranks on the node
     tiny_seed: int = 0             # init seed of builtin:tiny
@@ -96,7 +96,7 @@ _CHOICES = {
     "es.shaping": ("zscore", "centered_rank", "raw"),
     "es.step": ("paper", "gradient"),
     "es.optimizer": ("sgd", "adam"),
-    "model.dtype": ("fp32", "bf16", "fp16"),
+    "model.dtype": ("auto", "fp32", "bf16", "fp16"),
     "model.device": ("auto", "cpu", "cuda"),
     "task.chat_template": ("auto", "true", "false"),
 }
@@ -207,11 +207,13 @@ def validate(cfg: Config, source: str = "config") -> None:
         raise UserError(f"{source}: model.path: must not be empty")
 
 
-def check_ranks(cfg: Config, ranks: int) -> None:
-    """Every rank must own at least one member."""
-    if ranks > cfg.es.population:
-        raise UserError(f"es.population: {cfg.es.population} members cannot be spread over {ranks} ranks "
-                        "(more ranks than members)")
+def with_value(cfg: Config, key: str, value: Any) -> Config:
+    """A copy of `cfg` with one dotted key replaced (e.g. model.dtype once
+    `auto` is resolved), validated again."""
+    sec, name = key.split(".", 1)
+    out = dataclasses.replace(cfg, **{sec: dataclasses.replace(getattr(cfg, sec), **{name: value})})
+    validate(out)
+    return out
 
 
 def parse_set(items: list[str] | tuple[str, ...]) -> dict:

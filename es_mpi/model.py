@@ -213,24 +213,56 @@ def load_tokenizer(folder: Path):
     return tok
 
 
-def load_model(folder: Path, dtype: str, device: str):
-    """Load in fp32 (so the master is exact), the caller casts the working copy."""
+def _from_folder(folder: Path, dtype: torch.dtype, device: str):
+    """The model exactly as HF builds it in `dtype`: `from_pretrained(dtype=...)`
+    (or, for a random shape, `from_config(dtype=...)` from the marker's seed).
+    Parameters come in `dtype` except where the architecture keeps some in fp32;
+    buffers and config are whatever HF leaves (RoPE's inv_freq stays fp32,
+    config.dtype names `dtype`)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     if is_random_folder(folder):
-        model = build_random(folder, device)
-        model.eval()
-        model.requires_grad_(False)
-        return model
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-    except OSError as e:
-        raise UserError(f"model.path: cannot load model from {folder} ({str(e).splitlines()[0]})") from None
+        model = build_random(folder, device, dtype)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        except OSError as e:
+            raise UserError(f"model.path: cannot load model from {folder} ({str(e).splitlines()[0]})") from None
+    # eval() as HF's generate expects; requires_grad stays as HF leaves it (True).
+    # Turning it off looks free under no_grad but is not: torch.matmul then
+    # declines to fold a non-contiguous (B, 1, D) input into one mm, and the LM
+    # head of a prefill with logits_to_keep=1 (HF's generate, our decoder) runs
+    # as a bmm over B copies of its weight: 8.8 s instead of 0.01 s for
+    # SmolLM2 at 32 rows here, 2-3x the whole prefill.
     model.eval()
-    model.requires_grad_(False)
     return model.to(device)
+
+
+def load_model(folder: Path, dtype: str, device: str):
+    """(working model, fp32 master tensors in named_parameters() order).
+
+    The master holds the checkpoint's values exactly (an fp32 load; bf16/fp16
+    files upcast exactly).  The working model is a second load in the working
+    dtype, so it is the model anyone gets from `from_pretrained(dtype=...)`:
+    casting the fp32 module instead would also cast its buffers (RoPE
+    frequencies rounded to bf16 change every position's rotation) and leave
+    config.dtype at float32.  Cost: the checkpoint is read twice at start-up;
+    the fp32 module's parameters become the master, so memory is master +
+    working, as before."""
+    wd = DTYPES[dtype]
+    m32 = _from_folder(folder, torch.float32, device)
+    if wd == torch.float32:
+        return m32, [p.detach().clone() for p in m32.parameters()]
+    master = [p.detach() for p in m32.parameters()]
+    del m32
+    working = _from_folder(folder, wd, device)
+    if is_random_folder(folder):  # from_config drew its own init in `wd`; the seed's fp32 draw is the model
+        with torch.no_grad():
+            for p, m in zip(working.parameters(), master):
+                p.copy_(m)
+    return working, master
 
 
 def weights_digest(tensors, chunk: int = 1 << 22) -> str:

@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .generation import decode, format_prompts
+from .decode import decode, format_prompts
 from .tasks import Example, Task
 
 OK, RAISED, NONFINITE, TIMEOUT = 0, 1, 2, 3
@@ -60,21 +60,44 @@ def score_one(task: Task, example: Example, completion: str, timeout: float) -> 
     return Scored(r, OK, bool(s.correct), {k: float(v) for k, v in dict(s.components).items()})
 
 
-def score_member(scored: Sequence[Scored]) -> tuple[float, int, float]:
-    """A member's (reward, status, correct fraction) from its prompts' scores:
-    the mean reward, or invalid (NaN, first bad status) if any prompt failed."""
-    bad = [s.status for s in scored if s.status != OK]
-    correct = float(np.mean([s.correct for s in scored])) if scored else 0.0
-    if bad or not scored:
-        return math.nan, bad[0] if bad else RAISED, correct
-    return float(np.mean([s.reward for s in scored])), OK, correct
+def member_scores(rewards_P: np.ndarray, status_P: np.ndarray, correct_P: np.ndarray) -> tuple[float, int, float]:
+    """A member's (reward, status, correct fraction) from its P prompts' rows,
+    in prompt order: the mean reward, or invalid (NaN, the first bad status)
+    if any row failed.  Every rank calls it on the same gathered rows."""
+    status_P = np.asarray(status_P).astype(np.int64)
+    correct = float(np.mean(correct_P)) if len(correct_P) else 0.0
+    bad = status_P[status_P != OK]
+    if bad.size or not len(rewards_P):
+        return math.nan, int(bad[0]) if bad.size else RAISED, correct
+    return float(np.mean(np.asarray(rewards_P, dtype=np.float64))), OK, correct
 
 
-def generate_and_score(model, tokenizer, task: Task, examples: Sequence[Example], max_new_tokens: int,
-                       batch_size: int, timeout: float, chat: bool):
-    texts = format_prompts(tokenizer, [e.prompt for e in examples], chat)
-    comps = decode(model, tokenizer, texts, max_new_tokens, task.stop_strings, batch_size)
-    return comps, [score_one(task, e, c.text, timeout) for e, c in zip(examples, comps)]
+def eval_tile_rows(cfg) -> int:
+    """Prompts per decode batch in evaluation: generation.batch_size, else a
+    generation's prompt count; fixed by the config, never by the rank count,
+    so held-out results are the same on any number of ranks."""
+    return cfg.generation.batch_size or cfg.es.prompts_per_generation
+
+
+def generate_and_score(model, tokenizer, task: Task, examples: Sequence[Example], cfg, comm, chat: bool):
+    """Decode and score `examples` on all ranks: fixed tiles of eval_tile_rows
+    prompts, balanced contiguous runs of tiles per rank, results gathered in
+    example order.  Returns [(completion text, n_tokens, Scored)] on every rank."""
+    from .engine.grid import balanced
+
+    t = eval_tile_rows(cfg)
+    starts = list(range(0, len(examples), t))
+    mine = balanced(len(starts), comm.size, comm.rank)
+    rows = []
+    for s in (starts[i] for i in mine):
+        part = examples[s:s + t]
+        texts = format_prompts(tokenizer, [e.prompt for e in part], chat)
+        comps = decode(model, tokenizer, texts, cfg.generation.max_new_tokens, task.stop_strings)
+        for e, c in zip(part, comps):
+            sc = score_one(task, e, c.text, cfg.task.reward_timeout)
+            rows.append([c.text, c.n_tokens, sc.reward, sc.status, sc.correct, dict(sc.components)])
+    gathered = [r for part in comm.allgather_json(rows) for r in part]
+    return [(text, n, Scored(rew, st, bool(cor), comp)) for text, n, rew, st, cor, comp in gathered]
 
 
 def summarize(rewards: Sequence[float], correct: Sequence[bool]) -> dict:

@@ -71,13 +71,14 @@ def is_random_folder(folder: Path) -> bool:
     return (folder / MARKER).is_file()
 
 
-def build_random(folder: Path, device: str):
-    """The model, initialised from the marker's seed directly on `device`, fp32."""
+def build_random(folder: Path, device: str, dtype: torch.dtype = torch.float32):
+    """The model, initialised from the marker's seed directly on `device` (in
+    `dtype`, as `from_config(dtype=...)` builds it)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     spec = json.loads((folder / MARKER).read_text())
     cfg = AutoConfig.from_pretrained(str(folder))
     torch.manual_seed(int(spec["seed"]))
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     return model

@@ -1,8 +1,10 @@
 """The generation loop.  Reads top to bottom: set-up, then per generation
-materialise -> decode -> score -> Allgather -> shape -> update -> log.
+for each of this rank's tiles of the (member, prompt) grid: materialise ->
+decode -> score; then Allgather -> shape -> update -> log.
 
-Per rank and generation, with P parameters, k members on this rank and K noise
-draws in all: k x (materialise P + decode) + K x P normals for the update.
+Per rank and generation, with P parameters, k members among this rank's
+tiles and K noise draws in all: k x materialise P + the tiles' decoding +
+K x P normals for the update.
 """
 from __future__ import annotations
 
@@ -15,30 +17,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, config as config_mod, faults
+from .runs import checkpoint
+from . import config as config_mod, faults
 from .comm import Comm, default_threads, pick_device
 from .signals import catch_stop_signals, clear_stop, ignore_stop_signals, restore_signals, stop_requested
 from .errors import RunAborted, UserError
-from .model import DTYPES, load_model, load_tokenizer, prepare, weights_digest
-from .noise import SCHEME, NoiseSource, member_noise, prompt_batch, scheme_of
-from .optim import make_optimizer
-from .rundir import RunOutput, check_run_dir
-from .generation import decode, format_prompts
-from .scoring import generate_and_score, score_member, score_one, summarize
+from .model import load_model, load_tokenizer, prepare, weights_digest
+from .engine.noise import SCHEME, NoiseSource, member_noise, prompt_batch, scheme_of
+from .engine.optim import make_optimizer
+from .runs.rundir import RunOutput, check_run_dir
+from .decode import decode, format_prompts
+from .scoring import generate_and_score, member_scores, score_one, summarize
 from .tasks import TaskDataError, make_task
-from .update import apply_generation_update
-from .weights import Weights
+from .engine.update import apply_generation_update
+from .engine.grid import make_grid
+from .engine.weights import Weights
 
 # Exit status after a stop signal: checkpoint written, resume to continue
 # (EX_TEMPFAIL; the sbatch script requeues on it).
 EXIT_PREEMPTED = 75
-
-
-def member_slice(population: int, size: int, rank: int) -> range:
-    """Contiguous members of `rank`: the first population % size ranks get one extra."""
-    base, extra = divmod(population, size)
-    start = rank * base + min(rank, extra)
-    return range(start, start + base + (1 if rank < extra else 0))
 
 
 def task_options(cfg) -> dict:
@@ -72,20 +69,27 @@ def load_task(cfg):
 
 def setup_model(cfg, comm: Comm):
     """Rank 0 builds/converts the model folder (atomically, into the cache);
-    then every rank loads the same bytes."""
+    then every rank loads the same bytes.  `model.dtype: auto` is resolved on
+    rank 0 and broadcast.  Returns (cfg with the resolved dtype, folder,
+    working model, fp32 master, tokenizer, device, why this dtype)."""
+    from .dtypes import choose
+
     folder = comm.agree(lambda: str(prepare(cfg.model.path, cfg.model.tiny_seed, cfg.model.cache_dir,
                                             build=comm.is_root)))
     comm.barrier()
     device = comm.agree(lambda: pick_device(cfg.model.device, comm))
     if device.startswith("cpu") and cfg.model.dtype == "fp16":
-        raise UserError("model.dtype: fp16 is not supported on CPU (use fp32 or bf16)")
-    model = load_model(Path(folder), cfg.model.dtype, device)
+        raise UserError("model.dtype: fp16 is not supported on CPU (use fp32, bf16 or auto)")
+    dtype, why = comm.bcast_json(list(choose(cfg.model.dtype, device)) if comm.is_root else None)
+    cfg = config_mod.with_value(cfg, "model.dtype", dtype)
+    model, master = load_model(Path(folder), dtype, device)
     tok = load_tokenizer(Path(folder))
-    return Path(folder), model, tok, device
+    return cfg, Path(folder), model, master, tok, device, why
 
 
 @dataclass
 class GenResult:
+    """This rank's rows of the grid (NaN-padded to the longest rank's)."""
     rewards: np.ndarray
     status: np.ndarray
     correct: np.ndarray
@@ -97,22 +101,24 @@ class Trainer:
                  config_text: str | None = None):
         self.cfg, self.comm, self.run_dir = cfg, comm, Path(run_dir)
         es = cfg.es
-        config_mod.check_ranks(cfg, comm.size)
         comm.agree(lambda: check_run_dir(self.run_dir, resume))
         self.task, self.train_set, self.heldout_set = comm.agree(lambda: load_task(cfg))
         self.chat = self.task.chat_template
         threads = cfg.model.threads or default_threads(comm)
         torch.set_num_threads(threads)
         self.threads = threads
-        self.folder, model, self.tok, self.device = setup_model(cfg, comm)
+        cfg, self.folder, model, master, self.tok, self.device, self.dtype_reason = setup_model(cfg, comm)
+        self.cfg = cfg
         self.model = model
-        self.weights = Weights(model, DTYPES[cfg.model.dtype])
+        self.weights = Weights(model, master=master)
         self.base_digest = self.weights.digest()
         self.noise = NoiseSource(es.seed, self.device)
         self.opt = make_optimizer(es.optimizer, self.weights.names, self.weights.shapes, es.adam_beta1,
                                   es.adam_beta2, es.adam_eps, self.device)
-        self.members = member_slice(es.population, comm.size, comm.rank)
-        self.slot = -(-es.population // comm.size)  # longest slice: the Allgather row length
+        self.grid = make_grid(es.population, es.prompts_per_generation, cfg.generation.batch_size, per_member=True)
+        self.tiles = self.grid.rank_tiles(comm.size, comm.rank)
+        self.rows = self.grid.rank_rows(comm.size, comm.rank)
+        self.slot = self.grid.max_rank_rows(comm.size)  # the Allgather row length, in grid rows
         self.start_gen = 0
         if resume:
             self.start_gen = comm.agree(lambda: self._resume(force))
@@ -166,21 +172,27 @@ class Trainer:
         return time.perf_counter() - t0
 
     # -- one generation --------------------------------------------------------
-    def evaluate_members(self, gen: int, batch: list, times: dict) -> GenResult:
-        es = self.cfg.es
-        rewards = np.full(self.slot, np.nan)
-        status = np.full(self.slot, np.nan)
-        correct = np.full(self.slot, np.nan)
+    def evaluate_rows(self, gen: int, batch: list, times: dict) -> GenResult:
+        """Decode and score this rank's tiles; one materialisation per member."""
+        es, grid = self.cfg.es, self.grid
+        rewards, status, correct = (np.full(self.slot, np.nan) for _ in range(3))
         texts = format_prompts(self.tok, [e.prompt for e in batch], self.chat)
-        for j, m in enumerate(self.members):
+        current = None
+        for tile in self.tiles:
             t0 = time.perf_counter()
-            self.weights.materialise(self.noise, gen, member_noise(m, es.antithetic), es.sigma)
+            member = grid.member_of(tile.start)
+            if member != current:
+                self.weights.materialise(self.noise, gen, member_noise(member, es.antithetic), es.sigma)
+                current = member
             t1 = time.perf_counter()
-            comps = decode(self.model, self.tok, texts, self.cfg.generation.max_new_tokens,
-                           self.task.stop_strings, self.cfg.generation.batch_size)
+            prompts = [grid.prompt_of(r) for r in range(tile.start, tile.stop)]
+            comps = decode(self.model, self.tok, [texts[p] for p in prompts], self.cfg.generation.max_new_tokens,
+                           self.task.stop_strings)
             t2 = time.perf_counter()
-            scored = [score_one(self.task, e, c.text, self.cfg.task.reward_timeout) for e, c in zip(batch, comps)]
-            rewards[j], status[j], correct[j] = score_member(scored)
+            for r, p, c in zip(range(tile.start, tile.stop), prompts, comps):
+                sc = score_one(self.task, batch[p], c.text, self.cfg.task.reward_timeout)
+                k = r - self.rows.start
+                rewards[k], status[k], correct[k] = sc.reward, sc.status, sc.correct
             times["t_materialise"] += t1 - t0
             times["t_decode"] += t2 - t1
             times["t_reward"] += time.perf_counter() - t2
@@ -190,34 +202,36 @@ class Trainer:
 
     def exchange(self, local: GenResult) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
         """The one Allgather of the generation: per rank [stop flag, then
-        (reward, status, correct) per member slot]; padding slots are NaN."""
+        (reward, status, correct) per grid row it holds]; padding is NaN.
+        Rows, not per-member partial sums, cross the wire: a float sum
+        regrouped by rank count is not bitwise the same, a mean over the
+        gathered rows in prompt order is.  (N x P x 3 floats in all.)"""
         buf = np.concatenate([[1.0 if local.stop else 0.0],
                               np.stack([local.rewards, local.status, local.correct], axis=1).ravel()])
         allb = self.comm.allgather_floats(buf)
         stop = bool(np.any(allb[:, 0] > 0))
-        rows = allb[:, 1:].reshape(self.comm.size, self.slot, 3)
-        N = self.cfg.es.population
-        rew, st, cor = np.empty(N), np.empty(N, dtype=np.int8), np.empty(N)
+        per_rank = allb[:, 1:].reshape(self.comm.size, self.slot, 3)
+        grid = self.grid
+        rows = np.empty((grid.members * grid.prompts, 3))
         for r in range(self.comm.size):
-            sl = member_slice(N, self.comm.size, r)
-            rew[sl.start:sl.stop] = rows[r, :len(sl), 0]
-            st[sl.start:sl.stop] = rows[r, :len(sl), 1].astype(np.int8)
-            cor[sl.start:sl.stop] = rows[r, :len(sl), 2]
+            mine = grid.rank_rows(self.comm.size, r)
+            rows[mine.start:mine.stop] = per_rank[r, :len(mine)]
+        rows = rows.reshape(grid.members, grid.prompts, 3)
+        N = grid.members
+        rew, st, cor = np.empty(N), np.empty(N, dtype=np.int8), np.empty(N)
+        for m in range(N):
+            rew[m], st[m], cor[m] = member_scores(rows[m, :, 0], rows[m, :, 1], rows[m, :, 2])
         return rew, st, cor, stop
 
     def heldout_eval(self, gen: int) -> dict:
-        """Held-out evaluation of the current master, prompts sharded over ranks."""
-        limit = self.cfg.eval.limit
-        examples = self.heldout_set[:limit]
-        mine = examples[self.comm.rank::self.comm.size]
-        _, scored = generate_and_score(self.model, self.tok, self.task, mine, self.cfg.generation.max_new_tokens,
-                                       self.cfg.generation.batch_size, self.cfg.task.reward_timeout, self.chat)
-        parts = self.comm.allgather_json([[s.reward, s.correct, dict(s.components)] for s in scored])
-        flat = [x for p in parts for x in p]
-        summ = summarize([x[0] for x in flat], [x[1] for x in flat])
+        """Held-out evaluation of the current master, tiles of prompts over ranks."""
+        examples = self.heldout_set[:self.cfg.eval.limit]
+        res = generate_and_score(self.model, self.tok, self.task, examples, self.cfg, self.comm, self.chat)
+        scored = [sc for _, _, sc in res]
+        summ = summarize([s.reward for s in scored], [s.correct for s in scored])
         comp_means = {}
-        for k in (flat[0][2] if flat else {}):
-            comp_means[k] = float(np.mean([x[2].get(k, math.nan) for x in flat]))
+        for k in (scored[0].components if scored else {}):
+            comp_means[k] = float(np.mean([s.components.get(k, math.nan) for s in scored]))
         self.out.evaluation({"generation": gen, **summ})
         extra = " ".join(f"{k} {v:.3f}" for k, v in comp_means.items())
         self.out.info("heldout gen %d: reward %.4f ± %.4f (95%% CI) accuracy %.3f n=%d %s", gen,
@@ -232,7 +246,7 @@ class Trainer:
         t_start = time.perf_counter()
         idx = prompt_batch(es.seed, gen, len(self.train_set), es.prompts_per_generation)
         batch = [self.train_set[i] for i in idx]
-        local = self.evaluate_members(gen, batch, times)
+        local = self.evaluate_rows(gen, batch, times)
         t0 = time.perf_counter()
         rewards, status, correct, stop = self.exchange(local)
         times["t_exchange"] = time.perf_counter() - t0
@@ -293,6 +307,13 @@ class Trainer:
                       cfg.task.name, cfg.model.path, self.weights.n_params, es.population, es.sigma, es.alpha,
                       self.comm.size, self.threads, self.device,
                       f" | resumed at generation {self.start_gen}" if self.start_gen else "")
+        self.out.info("dtype %s (%s) | grid %d members x %d prompts in %d tiles of <= %d rows",
+                      cfg.model.dtype, self.dtype_reason, self.grid.members, self.grid.prompts, len(self.grid.tiles),
+                      max(t.stop - t.start for t in self.grid.tiles))
+        idle = [r for r in range(self.comm.size) if not self.grid.rank_tiles(self.comm.size, r)]
+        if idle:
+            self.out.warning("%d of %d ranks have no work: %d tiles for %d ranks (a smaller generation.batch_size "
+                             "cuts more tiles)", len(idle), self.comm.size, len(self.grid.tiles), self.comm.size)
         self.check_agreement(self.start_gen)
 
     def run(self) -> int:

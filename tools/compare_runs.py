@@ -18,7 +18,7 @@ matplotlib.use("Agg")  # files only: no display on cluster nodes
 import matplotlib.pyplot as plt  # noqa: E402
 
 from es_mpi.errors import UserError  # noqa: E402
-from es_mpi.runlog import read_run  # noqa: E402
+from es_mpi.runs.runlog import read_run  # noqa: E402
 
 
 def plot(runs: list[dict], out: Path) -> None:

@@ -4,7 +4,7 @@ generation, and the seconds of each generation stacked by phase.
 
   python tools/plot_run.py RUN_DIR [--out FILE.png]     (default RUN_DIR/plot.png)
 
-Reads only through es_mpi.runlog, so it works on a run still being written.
+Reads only through es_mpi.runs.runlog, so it works on a run still being written.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ matplotlib.use("Agg")  # files only: no display on cluster nodes
 import matplotlib.pyplot as plt  # noqa: E402
 
 from es_mpi.errors import UserError  # noqa: E402
-from es_mpi.runlog import TIMINGS, read_run  # noqa: E402
+from es_mpi.runs.runlog import TIMINGS, read_run  # noqa: E402
 
 
 def plot(run: dict, out: Path) -> None:

@@ -14,8 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install needed
 
 from es_mpi.errors import UserError  # noqa: E402
-from es_mpi.info import summary  # noqa: E402
-from es_mpi.runlog import read_run  # noqa: E402
+from es_mpi.commands.info import summary  # noqa: E402
+from es_mpi.runs.runlog import read_run  # noqa: E402
 
 COLUMNS = ("name", "model", "task", "world_size", "generations", "reward_first", "reward_best", "reward_last",
            "heldout_last", "median_s_per_gen")

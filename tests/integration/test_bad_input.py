@@ -22,7 +22,7 @@ import h5py
 import pytest
 
 from conftest import ROOT, VENV_BIN, cli_train, run, run_env
-from es_mpi import checkpoint
+from es_mpi.runs import checkpoint
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
 
@@ -207,15 +207,18 @@ def test_real_process_prints_exactly_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_more_ranks_than_members_exits_2_on_every_rank(tmp_path, cache_dir):
-    """One launch of 3 ranks for 2 members.  Run without `-m mpi4py` (which turns
-    a non-zero exit into MPI_Abort, so that whichever rank exits first kills the
-    others) and with Open MPI told not to end the job on the first non-zero exit,
-    so that each rank's own exit status can be seen."""
+def test_missing_dataset_exits_2_on_every_rank(tmp_path, cache_dir):
+    """One launch of 3 ranks (for 2 members: more ranks than members is fine
+    since the work is dealt in tiles) with a dataset file that is not there.
+    Run without `-m mpi4py` (which turns a non-zero exit into MPI_Abort, so that
+    whichever rank exits first kills the others) and with Open MPI told not to
+    end the job on the first non-zero exit, so that each rank's own exit
+    status can be seen."""
     cmd = [str(VENV_BIN / "mpiexec"), "--prtemca", "state_base_error_non_zero_exit", "0", "-n", "3",
            "--oversubscribe", "sh", "-c",
            f'"{sys.executable}" -m es_mpi train --config "{TINY}" --set es.population=2 '
-           f'--set es.antithetic=false --set model.cache_dir="{tmp_path / "cache"}" --run-dir "{tmp_path / "run"}"; '
+           f'--set es.antithetic=false --set task.name=countdown --set task.data="{tmp_path / "none.json"}" '
+           f'--set model.cache_dir="{tmp_path / "cache"}" --run-dir "{tmp_path / "run"}"; '
            'rc=$?; echo "es-mpi-test: rank $OMPI_COMM_WORLD_RANK exit $rc" >&2; exit $rc']
     t0 = time.monotonic()
     p = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=60)
@@ -224,8 +227,7 @@ def test_more_ranks_than_members_exits_2_on_every_rank(tmp_path, cache_dir):
     assert sorted(l for l in err.splitlines() if l.startswith("es-mpi-test:")) == \
         [f"es-mpi-test: rank {r} exit 2" for r in range(3)], err
     lines = [l for l in err.splitlines() if l.startswith("es-mpi:")]
-    assert lines == ["es-mpi: error: es.population: 2 members cannot be spread over 3 ranks "
-                     "(more ranks than members)"], err
+    assert lines == [f"es-mpi: error: {tmp_path / 'none.json'}: dataset file not found"], err
     assert "Traceback" not in err + p.stdout
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
 

@@ -2,7 +2,6 @@
 in-process), plus what happens to damaged files: every bad log or checkpoint
 is a one-line error naming the file, a checkpoint write killed with SIGKILL
 leaves the previous one in charge, and the log is readable while it grows."""
-import copy
 import importlib.util
 import os
 import shutil
@@ -18,12 +17,14 @@ import torch
 from click.testing import CliRunner
 
 from conftest import ROOT, run_env
-from es_mpi import checkpoint, config
+from es_mpi.runs import checkpoint
+from es_mpi import config
 from es_mpi.cli import main
 from es_mpi.errors import UserError
-from es_mpi.generation import decode, format_prompts
-from es_mpi.model import load_tokenizer
-from es_mpi.runlog import read_log
+from es_mpi.decode import decode, format_prompts
+from es_mpi.engine.weights import Weights
+from es_mpi.model import load_model, load_tokenizer
+from es_mpi.runs.runlog import read_log
 from es_mpi.trainer import Trainer
 
 TINY = ["es.generations=4", "checkpoint.every=2", "eval.every=2", "eval.limit=8"]
@@ -114,13 +115,14 @@ def test_export_loads_offline_and_decodes_like_the_master(tiny_run, tmp_path, mo
     want = torch.bfloat16 if dtype == "bf16" else torch.float32  # default: the run's model.dtype (fp32)
     model = AutoModelForCausalLM.from_pretrained(str(out))
     assert next(model.parameters()).dtype == want  # config.json records the dtype
-    # The trained master (the trainer's weights after generation 4), in that dtype.
-    trainer.weights.restore()
-    master = copy.deepcopy(trainer.model).to(want)
+    # The trained master (the trainer's weights after generation 4) as es-mpi's
+    # working model in that dtype: the base as HF loads it, weights cast(master).
+    ref_model, base = load_model(trainer.folder, dtype or "fp32", "cpu")
+    Weights(ref_model, master=base).load_state_dict(trainer.weights.state_dict())
     tok = load_tokenizer(out)
     texts = format_prompts(tok, [e.prompt for e in trainer.heldout_set[:6]], trainer.chat)
     got = decode(model, tok, texts, 12, trainer.task.stop_strings)
-    ref = decode(master, trainer.tok, texts, 12, trainer.task.stop_strings)
+    ref = decode(ref_model, trainer.tok, texts, 12, trainer.task.stop_strings)
     assert got == ref and any(c.n_tokens for c in ref)
 
 
@@ -248,7 +250,7 @@ SLOW_SAVE = """
 import sys
 import numpy as np
 sys.path.insert(0, sys.argv[2])
-from es_mpi import checkpoint
+from es_mpi.runs import checkpoint
 weights = {f"w{i}": np.full(1 << 20, i, dtype=np.float32) for i in range(64)}
 checkpoint.save(sys.argv[1], 6, weights, {"t": np.array(1)}, {"digest": "none"})
 """

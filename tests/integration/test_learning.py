@@ -3,7 +3,7 @@ rises by a clear margin in 12 generations (serial communicator)."""
 import numpy as np
 
 from es_mpi import config
-from es_mpi.runlog import read_log
+from es_mpi.runs.runlog import read_log
 from es_mpi.trainer import Trainer
 
 

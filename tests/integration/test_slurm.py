@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_env
-from es_mpi.runlog import read_log
+from es_mpi.runs.runlog import read_log
 
 SCRIPT = ROOT / "slurm" / "smoke.sbatch"
 VENV = Path(sys.executable).parent.parent

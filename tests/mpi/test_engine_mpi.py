@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import final_digest, mpiexec_cmd, run
-from es_mpi.runlog import read_log
+from es_mpi.runs.runlog import read_log
 
 # Population 7: neither 2 nor 3 divides it.  Threads are fixed at 1 per rank,
 # so every member is decoded by the same kernels whatever the rank count.

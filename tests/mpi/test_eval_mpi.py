@@ -7,7 +7,7 @@ import torch
 from conftest import mpiexec_cmd, run
 from es_mpi import config
 from es_mpi.comm import serial
-from es_mpi.evaluate import run_eval
+from es_mpi.commands.evaluate import run_eval
 
 LIMIT = 10
 

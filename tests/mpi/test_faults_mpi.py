@@ -34,10 +34,11 @@ import pytest
 import torch
 
 from conftest import ROOT, cli_train, final_digest, mpiexec_cmd, run_env
-from es_mpi import checkpoint, config
+from es_mpi.runs import checkpoint
+from es_mpi import config
 from es_mpi.comm import serial
 from es_mpi.model import weights_digest
-from es_mpi.runlog import read_log
+from es_mpi.runs.runlog import read_log
 from es_mpi.scoring import NONFINITE, OK, RAISED, TIMEOUT
 
 TESTS = Path(__file__).resolve().parent.parent

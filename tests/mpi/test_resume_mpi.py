@@ -15,10 +15,11 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import final_digest, mpiexec_cmd, run
-from es_mpi import checkpoint, config
+from es_mpi.runs import checkpoint
+from es_mpi import config
 from es_mpi.cli import main
 from es_mpi.comm import serial
-from es_mpi.runlog import read_log
+from es_mpi.runs.runlog import read_log
 from es_mpi.trainer import Trainer
 
 # checkpoint.every, eval and threads are not trajectory fields; es.generations neither.

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from es_mpi.es import plan_update, shape_rewards
-from es_mpi.noise import NoiseSource, derive_seed, member_noise, prompt_batch
-from es_mpi.optim import SGD, Adam
+from es_mpi.engine.es import plan_update, shape_rewards
+from es_mpi.engine.noise import NoiseSource, derive_seed, member_noise, prompt_batch
+from es_mpi.engine.optim import SGD, Adam
 
 
 def test_noise_is_deterministic_and_float32():
@@ -95,7 +95,7 @@ def test_plan_update_paper_and_gradient_scales():
 
 def test_one_sgd_step_equals_hand_computation():
     """theta + alpha/N * sum z_n eps_n on a small parameter vector."""
-    from es_mpi.weights import Weights
+    from es_mpi.engine.weights import Weights
 
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2, bias=True)

@@ -4,11 +4,11 @@ import hashlib
 import numpy as np
 import torch
 
-from es_mpi.es import plan_update
+from es_mpi.engine.es import plan_update
 from es_mpi.model import weights_digest
-from es_mpi.noise import BLOCK, NoiseSource, blocks, member_noise
-from es_mpi.optim import SGD, Adam
-from es_mpi.weights import Weights
+from es_mpi.engine.noise import BLOCK, NoiseSource, blocks, member_noise
+from es_mpi.engine.optim import SGD, Adam
+from es_mpi.engine.weights import Weights
 
 
 def _model():

@@ -34,8 +34,8 @@ from typing import Any, Mapping
 import h5py
 import numpy as np
 
-from . import __version__, config as config_mod
-from .errors import UserError
+from .. import __version__, config as config_mod
+from ..errors import UserError
 
 SCHEMA_VERSION = 1
 KIND = "es-mpi-log"

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import yaml
 
-from .errors import UserError
-from .scoring import OK, STATUS_TEXT, score_one
-from .tasks import TaskDataError, UnknownTask, make_task
-from .tasks.base import iter_jsonl
+from ..errors import UserError
+from ..scoring import OK, STATUS_TEXT, score_one
+from ..tasks import TaskDataError, UnknownTask, make_task
+from ..tasks.base import iter_jsonl
 
 
 def score_file(task_name: str, input_path: str, output_path: str = "-", options=(), timeout: float = 5.0) -> int:

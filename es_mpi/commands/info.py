@@ -8,8 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from . import checkpoint, config as config_mod
-from .runlog import TIMINGS, read_run
+from ..runs import checkpoint
+from .. import config as config_mod
+from ..runs.runlog import TIMINGS, read_run
 
 
 def _first_best_last(x: np.ndarray) -> tuple[float, float, float]:

@@ -3,8 +3,9 @@ tokenizer files, model.safetensors) that `from_pretrained` loads anywhere.
 
 The base model folder the run started from is loaded (model.prepare, so a
 builtin or GGUF base is rebuilt or converted into the cache as in training),
-the checkpoint's fp32 master is copied into it and cast to the chosen dtype:
-exactly the run's working weights when the dtype is the run's.  Written into
+in the chosen dtype as `from_pretrained(dtype=...)` builds it, and its
+weights are set to cast(checkpoint's fp32 master): exactly the run's working
+model when the dtype is the run's.  Written into
 a temporary folder beside --out and renamed, so --out is complete or absent.
 """
 from __future__ import annotations
@@ -14,9 +15,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from . import checkpoint, config as config_mod
-from .errors import UserError
-from .model import DTYPES, load_model, prepare
+from ..runs import checkpoint
+from .. import config as config_mod
+from ..errors import UserError
+from ..model import DTYPES, load_model, prepare
 
 
 def _check_out(out: Path) -> None:
@@ -40,7 +42,7 @@ def export(ckpt: str | Path, out: str | Path, dtype: str | None = None) -> dict:
     dtype None: the run's working dtype (model.dtype)."""
     from transformers import AutoTokenizer
 
-    from .weights import Weights
+    from ..engine.weights import Weights
 
     out = Path(out)
     _check_out(out)
@@ -52,8 +54,10 @@ def export(ckpt: str | Path, out: str | Path, dtype: str | None = None) -> dict:
     if dtype not in DTYPES:
         raise UserError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
     folder = prepare(cfg.model.path, cfg.model.tiny_seed, cfg.model.cache_dir)
-    model = load_model(folder, "fp32", "cpu")
-    weights = Weights(model, DTYPES["fp32"])
+    # the base as HF loads it in the export dtype (buffers and config.dtype
+    # included), then its weights set to cast(checkpoint master)
+    model, master = load_model(folder, dtype, "cpu")
+    weights = Weights(model, master=master)
     try:
         weights.load_state_dict(ck["weights"])
     except (KeyError, ValueError) as e:
@@ -61,7 +65,6 @@ def export(ckpt: str | Path, out: str | Path, dtype: str | None = None) -> dict:
     # The digest covers every weight: a flipped byte anywhere in them is caught here.
     if weights.digest() != attrs.get("digest"):
         raise UserError(f"{path}: weights digest mismatch (corrupted checkpoint)")
-    model.to(DTYPES[dtype])  # the working copy is the model's own parameters: now cast(master)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

@@ -1,9 +1,10 @@
 """`es-mpi eval`: greedy-decode and score a split, prompts sharded over ranks.
 
 It uses the same decoding and scoring code as training (scoring.generate_and_score).
-Rank r takes prompts r, r+R, r+2R, ...; the per-prompt results are gathered
-(one Allgatherv of JSON) and rank 0 writes them in prompt order, so the output
-is the same on any rank count (given the same threads per rank).
+Prompts are decoded in fixed tiles (scoring.eval_tile_rows) dealt to ranks
+in contiguous runs; the per-prompt results are gathered (one Allgatherv of
+JSON) and rank 0 writes them in prompt order, so the output is the same on
+any rank count (given the same threads per rank).
 """
 from __future__ import annotations
 
@@ -13,14 +14,13 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
-from .comm import Comm, default_threads
-from .errors import UserError
-from .model import DTYPES
-from .rundir import log
-from .scoring import STATUS_TEXT, generate_and_score, summarize
-from .trainer import load_task, setup_model
-from .weights import Weights
+from ..runs import checkpoint
+from ..comm import Comm, default_threads
+from ..errors import UserError
+from ..runs.rundir import log
+from ..scoring import STATUS_TEXT, generate_and_score, summarize
+from ..trainer import load_task, setup_model
+from ..engine.weights import Weights
 
 
 def run_eval(cfg, comm: Comm, split: str, limit: int, out_path: str | None, ckpt_path: str | None) -> dict:
@@ -34,26 +34,21 @@ def run_eval(cfg, comm: Comm, split: str, limit: int, out_path: str | None, ckpt
         raise UserError(f"task {cfg.task.name}: the {split} split is empty")
     ck = comm.agree(lambda: checkpoint.load(ckpt_path)) if ckpt_path else None
     torch.set_num_threads(cfg.model.threads or default_threads(comm))
-    folder, model, tok, device = setup_model(cfg, comm)
-    weights = Weights(model, DTYPES[cfg.model.dtype])
+    cfg, folder, model, master, tok, device, _ = setup_model(cfg, comm)
+    weights = Weights(model, master=master)
     if ck is not None:
         try:
             weights.load_state_dict(ck["weights"])
         except (KeyError, ValueError) as e:
             raise UserError(f"{ckpt_path}: checkpoint does not match the model ({e})") from None
-    mine = list(range(comm.rank, len(examples), comm.size))
-    comps, scored = generate_and_score(model, tok, task, [examples[i] for i in mine],
-                                       cfg.generation.max_new_tokens, cfg.generation.batch_size,
-                                       cfg.task.reward_timeout, task.chat_template)
-    rows = []
-    for i, c, s in zip(mine, comps, scored):
-        ex = examples[i]
-        row = {"index": i, "id": ex.id, "completion": c.text, "n_tokens": c.n_tokens,
+    gathered = []
+    for i, (text, n_tokens, s) in enumerate(generate_and_score(model, tok, task, examples, cfg, comm,
+                                                                task.chat_template)):
+        row = {"index": i, "id": examples[i].id, "completion": text, "n_tokens": n_tokens,
                "reward": s.reward if s.status == 0 else None, "correct": s.correct, **dict(s.components)}
         if s.status:
             row["error"] = STATUS_TEXT[s.status]
-        rows.append(row)
-    gathered = sorted((r for part in comm.allgather_json(rows) for r in part), key=lambda r: r["index"])
+        gathered.append(row)
     summ = summarize([r["reward"] if r["reward"] is not None else float("nan") for r in gathered],
                      [bool(r["correct"]) for r in gathered])
     if comm.is_root:

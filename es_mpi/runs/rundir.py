@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from . import checkpoint
-from .comm import Comm
-from .errors import UserError
+from ..comm import Comm
+from ..errors import UserError
 from .runlog import RunLogWriter, rebuild_log
 
 log = logging.getLogger("es_mpi")
@@ -163,6 +163,11 @@ class RunOutput:
 
     def info(self, msg: str, *args) -> None:
         log.info(msg, *args)
+
+    def warning(self, msg: str, *args) -> None:
+        """A warning about the whole job: printed once, by rank 0."""
+        if self.root:
+            log.warning(msg, *args)
 
     def line(self, text: str) -> None:
         """A bare line on stdout (e.g. `final-digest: ...`), rank 0 only."""

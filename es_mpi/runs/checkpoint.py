@@ -23,8 +23,8 @@ from typing import Any, Mapping
 import h5py
 import numpy as np
 
-from . import __version__
-from .errors import UserError
+from .. import __version__
+from ..errors import UserError
 from .runlog import SCHEMA_VERSION, open_h5
 
 KIND = "es-mpi-checkpoint"
@@ -45,7 +45,7 @@ def write(final: str | Path, generation: int, weights: Mapping[str, np.ndarray],
     """Atomically write a checkpoint file at any path (`es-mpi replay --out`)."""
     # imported here: noise pulls in torch, which the readers of this module
     # (`es-mpi info`) need not load; every writer has it loaded already
-    from .noise import SCHEME as NOISE_SCHEME
+    from ..engine.noise import SCHEME as NOISE_SCHEME
 
     final = Path(final)
     try:

@@ -11,7 +11,7 @@ import numpy as np
 
 from .es import UpdatePlan, plan_update, shape_rewards
 from .noise import NoiseSource
-from .scoring import OK
+from ..scoring import OK
 
 
 @dataclass(frozen=True)

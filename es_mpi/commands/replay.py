@@ -17,15 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint
-from .comm import pick_device, serial
-from .errors import UserError
-from .model import DTYPES, load_model, prepare
-from .noise import SCHEME, NoiseSource, scheme_of
-from .optim import make_optimizer
-from .runlog import read_run
-from .update import apply_generation_update
-from .weights import Weights
+from ..runs import checkpoint
+from ..comm import pick_device, serial
+from ..errors import UserError
+from ..model import load_model, prepare
+from ..engine.noise import SCHEME, NoiseSource, scheme_of
+from ..engine.optim import make_optimizer
+from ..runs.runlog import read_run
+from ..engine.update import apply_generation_update
+from ..engine.weights import Weights
 
 
 def _check_replayable(log: dict, path: Path, generation: int) -> None:
@@ -54,7 +54,9 @@ def replay(run_dir: str | Path, generation: int, out: str | Path) -> dict:
     es = cfg.es
     folder = prepare(cfg.model.path, cfg.model.tiny_seed, cfg.model.cache_dir)
     device = pick_device(cfg.model.device, serial())
-    weights = Weights(load_model(folder, cfg.model.dtype, device), DTYPES[cfg.model.dtype])
+    # only the fp32 master is replayed: no working model in another dtype is needed
+    model, master = load_model(folder, "fp32", device)
+    weights = Weights(model, master=master)
     base_digest = weights.digest()
     if attrs.get("base_model_digest") not in (None, base_digest):
         raise UserError(f"{path}: the base model {cfg.model.path} is not the one this run started from "

@@ -15,22 +15,35 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import RunAborted
+from ..errors import RunAborted
 from .es import UpdatePlan
-from .model import weights_digest
+from ..model import weights_digest
 from .noise import BLOCK, MemberNoise, NoiseSource, blocks
 from .optim import SGD
 
 
 class Weights:
-    def __init__(self, model: torch.nn.Module, working_dtype: torch.dtype):
+    """`model` is the working model.  With `master` (fp32 tensors in
+    named_parameters() order, e.g. from model.load_model) the model must
+    already be in its working dtype and equal cast(master) bit for bit; without
+    it the master is an fp32 copy of the model's parameters and, if
+    `working_dtype` is given, the parameters (not the buffers) are cast to it."""
+
+    def __init__(self, model: torch.nn.Module, working_dtype: torch.dtype | None = None,
+                 master: list[torch.Tensor] | None = None):
         # named_parameters() skips tied duplicates (lm_head tied to the
         # embedding is perturbed once, as the model sees it).
         named = list(model.named_parameters())
         self.names = [n for n, _ in named]
         self.shapes = [tuple(p.shape) for _, p in named]
-        self.master = [p.detach().to(torch.float32).clone().contiguous() for _, p in named]
-        model.to(working_dtype)
+        if master is None:
+            master = [p.detach().to(torch.float32).clone() for _, p in named]
+            if working_dtype is not None:
+                for _, p in named:
+                    p.data = p.data.to(working_dtype)
+        elif len(master) != len(named) or any(tuple(m.shape) != s for m, s in zip(master, self.shapes)):
+            raise ValueError("master tensors do not match the model's parameters")
+        self.master = [m.contiguous() for m in master]
         self.working = [p for _, p in model.named_parameters()]
         if not all(w.is_contiguous() for w in self.working):
             raise ValueError("model parameters must be contiguous (block-wise noise addresses them flat)")
@@ -44,7 +57,8 @@ class Weights:
         # run asks for it three times (agreement, checkpoint, final line)
         self.version = 0
         self._digest: tuple[int, str] | None = None
-        self.restore()
+        if any(not torch.equal(w, m.to(w.dtype)) for w, m in zip(self.working, self.master)):
+            raise ValueError("working weights are not cast(master)")
 
     # -- members -----------------------------------------------------------
     @torch.no_grad()

@@ -1,0 +1,1 @@
+"""The commands other than `train`: eval, score, bench, replay, export, info."""
