@@ -34,6 +34,9 @@ class ESConfig:
     adam_eps: float = 1e-8
     prompts_per_generation: int = 8  # prompts every member is scored on, per generation
     check_every: int = 10          # cross-rank weight digest check every K generations (0: start/end only)
+    noise: str = "full"            # full: every weight gets its own noise | lowrank: E = A B^T / sqrt(rank) (EGGROLL)
+    rank: int = 1                  # r of the low-rank perturbations
+    lowrank_scope: str = "layers"  # layers: decoder-layer matrices | all: also embeddings, LM head, norms, biases
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ class TaskConfig:
 @dataclass(frozen=True)
 class GenerationConfig:
     max_new_tokens: int = 32
-    batch_size: int = 0            # decode micro-batch; 0 = all prompts of a member at once
+    batch_size: int = 0            # rows per decode tile (the unit dealt to ranks); 0 = one member's prompts
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,8 @@ _CHOICES = {
     "es.shaping": ("zscore", "centered_rank", "raw"),
     "es.step": ("paper", "gradient"),
     "es.optimizer": ("sgd", "adam"),
+    "es.noise": ("full", "lowrank"),
+    "es.lowrank_scope": ("layers", "all"),
     "model.dtype": ("auto", "fp32", "bf16", "fp16"),
     "model.device": ("auto", "cpu", "cuda"),
     "task.chat_template": ("auto", "true", "false"),
@@ -108,6 +113,7 @@ _RANGES = {
     "es.generations": (lambda v: v >= 0, ">= 0"),
     "es.prompts_per_generation": (lambda v: v >= 1, ">= 1"),
     "es.check_every": (lambda v: v >= 0, ">= 0"),
+    "es.rank": (lambda v: v >= 1, ">= 1"),
     "es.adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "es.adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "es.adam_eps": (lambda v: v > 0, "> 0"),
@@ -126,6 +132,7 @@ _RANGES = {
 TRAJECTORY_FIELDS = (
     "es.population", "es.sigma", "es.alpha", "es.seed", "es.antithetic", "es.shaping", "es.step",
     "es.optimizer", "es.adam_beta1", "es.adam_beta2", "es.adam_eps", "es.prompts_per_generation",
+    "es.noise", "es.rank", "es.lowrank_scope", "generation.batch_size",
     "model.path", "model.dtype", "model.tiny_seed", "task.name", "task.data", "task.train_size",
     "task.seed", "task.chat_template", "task.options", "generation.max_new_tokens",
 )

@@ -23,14 +23,15 @@ from .comm import Comm, default_threads, pick_device
 from .signals import catch_stop_signals, clear_stop, ignore_stop_signals, restore_signals, stop_requested
 from .errors import RunAborted, UserError
 from .model import load_model, load_tokenizer, prepare, weights_digest
-from .engine.noise import SCHEME, NoiseSource, member_noise, prompt_batch, scheme_of
+from .engine.noise import NoiseSource, member_noise, prompt_batch, scheme_for, scheme_of
 from .engine.optim import make_optimizer
 from .runs.rundir import RunOutput, check_run_dir
-from .decode import decode, format_prompts
+from .decode import decode_batch, format_prompts
 from .scoring import generate_and_score, member_scores, score_one, summarize
 from .tasks import TaskDataError, make_task
 from .engine.update import apply_generation_update
 from .engine.grid import make_grid
+from .engine.perturb import make_perturbation
 from .engine.weights import Weights
 
 # Exit status after a stop signal: checkpoint written, resume to continue
@@ -113,9 +114,14 @@ class Trainer:
         self.weights = Weights(model, master=master)
         self.base_digest = self.weights.digest()
         self.noise = NoiseSource(es.seed, self.device)
+        try:
+            self.perturb = make_perturbation(es, model, self.weights, self.noise)
+        except ValueError as e:
+            raise UserError(str(e)) from None
         self.opt = make_optimizer(es.optimizer, self.weights.names, self.weights.shapes, es.adam_beta1,
                                   es.adam_beta2, es.adam_eps, self.device)
-        self.grid = make_grid(es.population, es.prompts_per_generation, cfg.generation.batch_size, per_member=True)
+        self.grid = make_grid(es.population, es.prompts_per_generation, cfg.generation.batch_size,
+                              per_member=self.perturb.kind == "full")
         self.tiles = self.grid.rank_tiles(comm.size, comm.rank)
         self.rows = self.grid.rank_rows(comm.size, comm.rank)
         self.slot = self.grid.max_rank_rows(comm.size)  # the Allgather row length, in grid rows
@@ -135,9 +141,9 @@ class Trainer:
         if changed and not force:
             raise UserError(f"--resume: config differs from the run's in {', '.join(changed)}; "
                             "this changes the trajectory (pass --force to resume anyway)")
-        scheme = scheme_of(ck["attrs"])
-        if scheme != SCHEME and not force:
-            raise UserError(f"--resume: {path} was written with noise scheme {scheme}, this es-mpi draws {SCHEME}; "
+        scheme, mine = scheme_of(ck["attrs"]), scheme_for(self.cfg.es)
+        if scheme != mine and not force:
+            raise UserError(f"--resume: {path} was written with noise scheme {scheme}, this run draws {mine}; "
                             "this changes the trajectory (pass --force to resume anyway)")
         try:
             self.weights.load_state_dict(ck["weights"])
@@ -150,7 +156,8 @@ class Trainer:
 
     def _log_attrs(self) -> dict:
         hosts = sorted(set(self.comm.allgather_json(socket.gethostname())))
-        return {"config": self.config_text, "noise_scheme": SCHEME, "base_model": self.cfg.model.path,
+        return {"config": self.config_text, "noise_scheme": scheme_for(self.cfg.es),
+                "base_model": self.cfg.model.path,
                 "base_model_digest": self.base_digest, "world_size": self.comm.size,
                 "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "hosts": ",".join(hosts),
                 "population": self.cfg.es.population,
@@ -173,23 +180,26 @@ class Trainer:
 
     # -- one generation --------------------------------------------------------
     def evaluate_rows(self, gen: int, batch: list, times: dict) -> GenResult:
-        """Decode and score this rank's tiles; one materialisation per member."""
-        es, grid = self.cfg.es, self.grid
+        """Decode and score this rank's tiles (full-rank noise: one
+        materialisation per member; low-rank: the factors once, then hooks)."""
+        grid = self.grid
         rewards, status, correct = (np.full(self.slot, np.nan) for _ in range(3))
         texts = format_prompts(self.tok, [e.prompt for e in batch], self.chat)
-        current = None
+        t0 = time.perf_counter()
+        if self.rows:
+            first, last = grid.member_of(self.rows.start), grid.member_of(self.rows.stop - 1)
+            self.perturb.begin(gen, list(range(first, last + 1)))
+        times["t_materialise"] += time.perf_counter() - t0
         for tile in self.tiles:
+            rows = range(tile.start, tile.stop)
             t0 = time.perf_counter()
-            member = grid.member_of(tile.start)
-            if member != current:
-                self.weights.materialise(self.noise, gen, member_noise(member, es.antithetic), es.sigma)
-                current = member
+            listener = self.perturb.tile([grid.member_of(r) for r in rows])
             t1 = time.perf_counter()
-            prompts = [grid.prompt_of(r) for r in range(tile.start, tile.stop)]
-            comps = decode(self.model, self.tok, [texts[p] for p in prompts], self.cfg.generation.max_new_tokens,
-                           self.task.stop_strings)
+            prompts = [grid.prompt_of(r) for r in rows]
+            comps = decode_batch(self.model, self.tok, [texts[p] for p in prompts],
+                                 self.cfg.generation.max_new_tokens, self.task.stop_strings, rows=listener)
             t2 = time.perf_counter()
-            for r, p, c in zip(range(tile.start, tile.stop), prompts, comps):
+            for r, p, c in zip(rows, prompts, comps):
                 sc = score_one(self.task, batch[p], c.text, self.cfg.task.reward_timeout)
                 k = r - self.rows.start
                 rewards[k], status[k], correct[k] = sc.reward, sc.status, sc.correct
@@ -197,7 +207,7 @@ class Trainer:
             times["t_decode"] += t2 - t1
             times["t_reward"] += time.perf_counter() - t2
             times["tokens"] += sum(c.n_tokens for c in comps)
-        self.weights.restore()
+        self.perturb.end()
         return GenResult(rewards, status, correct, stop_requested())
 
     def exchange(self, local: GenResult) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
@@ -255,7 +265,7 @@ class Trainer:
             tamper = lambda p: p.__class__(p.coeffs_K, p.n_valid, math.inf, math.inf)  # noqa: E731
         t0 = time.perf_counter()
         # Shared with `es-mpi replay`, which re-runs it from the logged rewards.
-        upd = apply_generation_update(self.weights, self.noise, self.opt, es, gen, rewards, status, tamper)
+        upd = apply_generation_update(self.perturb, self.opt, es, gen, rewards, status, tamper)
         times["t_update"] = time.perf_counter() - t0
         valid, z, plan, norm = upd.valid_N, upd.shaped_N, upd.plan, upd.norm
         faults.after_update(self.weights, gen, self.comm.rank)

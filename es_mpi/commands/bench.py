@@ -240,7 +240,7 @@ def run_bench(cfg, comm: Comm, generations: int = 1, compare_ranks: bool = False
             plan = UpdatePlan(np.ones(trainer.grid.members // (2 if cfg.es.antithetic else 1)), cfg.es.population,
                               cfg.es.alpha / cfg.es.population, 1.0 / cfg.es.population)
             t0 = time.perf_counter()
-            trainer.weights.apply_update(trainer.noise, 0, plan, trainer.opt, cfg.es.alpha)
+            trainer.perturb.apply_update(0, plan, trainer.opt, cfg.es.alpha)
             res["update_forced_s"] = float(comm.allgather_floats(np.array([time.perf_counter() - t0]))[:, 0].max())
         trainer.out.close()
         if baseline == "paper":

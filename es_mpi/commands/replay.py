@@ -21,14 +21,15 @@ from ..runs import checkpoint
 from ..comm import pick_device, serial
 from ..errors import UserError
 from ..model import load_model, prepare
-from ..engine.noise import SCHEME, NoiseSource, scheme_of
+from ..engine.noise import NoiseSource, scheme_for, scheme_of
+from ..engine.perturb import make_perturbation
 from ..engine.optim import make_optimizer
 from ..runs.runlog import read_run
 from ..engine.update import apply_generation_update
 from ..engine.weights import Weights
 
 
-def _check_replayable(log: dict, path: Path, generation: int) -> None:
+def _check_replayable(log: dict, path: Path, generation: int, es) -> None:
     gens = log["gen"]["generation"]
     if generation < 0:
         raise UserError(f"--generation: {generation} must be >= 0")
@@ -36,9 +37,9 @@ def _check_replayable(log: dict, path: Path, generation: int) -> None:
         raise UserError(f"{path}: the log holds {len(gens)} generation(s); cannot replay to {generation}")
     if not np.array_equal(gens[:generation], np.arange(generation)):
         raise UserError(f"{path}: generations are not 0..{generation - 1} in order; cannot replay")
-    scheme = scheme_of(log["attrs"])
-    if scheme != SCHEME:
-        raise UserError(f"{path}: the run drew its noise as {scheme}, this es-mpi draws {SCHEME}; "
+    scheme, mine = scheme_of(log["attrs"]), scheme_for(es)
+    if scheme != mine:
+        raise UserError(f"{path}: the run drew its noise as {scheme}, this es-mpi draws {mine}; "
                         "its updates cannot be replayed (use the es-mpi version that wrote it)")
 
 
@@ -50,7 +51,7 @@ def replay(run_dir: str | Path, generation: int, out: str | Path) -> dict:
         raise UserError(f"{out}: exists; not overwritten (choose another --out)")
     run = read_run(run_dir)
     path, cfg, gen, attrs = run["path"], run["config"], run["gen"], run["attrs"]
-    _check_replayable(run, path, generation)
+    _check_replayable(run, path, generation, cfg.es)
     es = cfg.es
     folder = prepare(cfg.model.path, cfg.model.tiny_seed, cfg.model.cache_dir)
     device = pick_device(cfg.model.device, serial())
@@ -64,8 +65,9 @@ def replay(run_dir: str | Path, generation: int, out: str | Path) -> dict:
     noise = NoiseSource(es.seed, device)
     opt = make_optimizer(es.optimizer, weights.names, weights.shapes, es.adam_beta1, es.adam_beta2, es.adam_eps,
                          device)
+    perturbation = make_perturbation(es, model, weights, noise)
     for g in range(generation):
-        upd = apply_generation_update(weights, noise, opt, es, g, gen["rewards"][g], gen["status"][g])
+        upd = apply_generation_update(perturbation, opt, es, g, gen["rewards"][g], gen["status"][g])
         # Cheap cross-checks against what training logged: the shaped scores
         # (bitwise, same numpy on the same numbers) and the step's norm (a
         # float sum whose order may follow the thread count, so not bitwise).

@@ -38,6 +38,15 @@ def scheme_of(attrs) -> str:
     return str(attrs.get("noise_scheme", LEGACY_SCHEME))
 
 
+def scheme_for(es) -> str:
+    """The noise definition an ESConfig draws.  Low-rank factors come from the
+    same seed tree under their own domain ("lowrank"); its 1-D tensors (scope
+    `all`) use the block noise of SCHEME."""
+    if getattr(es, "noise", "full") == "full":
+        return SCHEME
+    return f"lowrank-r{es.rank}-{es.lowrank_scope}+{SCHEME}"
+
+
 def blocks(numel: int) -> list[tuple[int, int, int]]:
     """(block index, start, stop) over a flat tensor of `numel` elements."""
     return [(b, s, min(s + BLOCK, numel)) for b, s in enumerate(range(0, numel, BLOCK))]
@@ -85,6 +94,12 @@ class NoiseSource:
         (1-D, the block's length as given by `blocks`)."""
         self._gen.manual_seed(self.seed_for(generation, index, tensor, block))
         return out.normal_(generator=self._gen)
+
+    def factor(self, generation: int, index: int, tensor: int, part: int, rows: int, rank: int) -> torch.Tensor:
+        """Low-rank factor `part` (0: A, 1: B) of a matrix's perturbation for
+        draw `index`: (rows x rank) float32 N(0, 1), its own stream."""
+        self._gen.manual_seed(derive_seed(self.run_seed, generation, index, tensor, part, domain="lowrank"))
+        return torch.empty(rows, rank, dtype=torch.float32, device=self.device).normal_(generator=self._gen)
 
     def tensor(self, generation: int, index: int, tensor: int, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
         """A whole tensor's noise of `shape`, block by block (tests and tools;

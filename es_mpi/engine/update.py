@@ -10,7 +10,6 @@ from typing import Callable
 import numpy as np
 
 from .es import UpdatePlan, plan_update, shape_rewards
-from .noise import NoiseSource
 from ..scoring import OK
 
 
@@ -22,16 +21,16 @@ class AppliedUpdate:
     norm: float            # L2 norm of the applied step (0 if none)
 
 
-def apply_generation_update(weights, noise: NoiseSource, opt, es, generation: int, rewards_N: np.ndarray,
-                            status_N: np.ndarray,
+def apply_generation_update(perturbation, opt, es, generation: int, rewards_N: np.ndarray, status_N: np.ndarray,
                             tamper: Callable[[UpdatePlan], UpdatePlan] | None = None) -> AppliedUpdate:
-    """Shape the gathered rewards of `generation`, plan and apply the update to
-    `weights` (a weights.Weights) with optimizer `opt`; `es` is the ESConfig.
-    `tamper` lets the trainer's fault injection alter the plan (tests only)."""
+    """Shape the gathered rewards of `generation`, plan the update and have
+    `perturbation` (perturb.FullRank or lowrank.LowRank) apply it to its
+    master with optimizer `opt`; `es` is the ESConfig.  `tamper` lets the
+    trainer's fault injection alter the plan (tests only)."""
     valid = np.asarray(status_N) == OK
     z = shape_rewards(rewards_N, valid, es.shaping)
     plan = plan_update(z, valid, es.antithetic, es.alpha, es.sigma, es.step)
     if tamper is not None:
         plan = tamper(plan)
-    norm = weights.apply_update(noise, generation, plan, opt, es.alpha)
+    norm = perturbation.apply_update(generation, plan, opt, es.alpha)
     return AppliedUpdate(valid, z, plan, norm)

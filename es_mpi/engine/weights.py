@@ -90,15 +90,30 @@ class Weights:
             w.data.copy_(m)
 
     # -- update ------------------------------------------------------------
+    def full_blocks(self, noise: NoiseSource, generation: int, i: int, coeffs: list[float]):
+        """(start, stop, sum_k c_k eps_k over that block) for tensor i, block by
+        block, draws in order: each element's fp32 sum is the same whatever the
+        block size.  Cost: K normals per element."""
+        for b, s, e in self._blocks[i]:
+            acc, eps = self._tmp[: e - s], self._eps[: e - s]
+            acc.zero_()
+            for k, c in enumerate(coeffs):
+                if c == 0.0:
+                    continue
+                noise.block(generation, k, i, b, eps)
+                acc.add_(eps, alpha=c)
+            yield s, e, acc
+
     @torch.no_grad()
     def apply_update(self, noise: NoiseSource, generation: int, plan: UpdatePlan, opt: SGD,
-                     alpha: float) -> float:
-        """theta += step(sum_k c_k eps_k), block by block, members in draw
-        order on every rank (so the fp32 sums are bitwise identical everywhere;
-        each element's sum is the same whatever the block size).
-        Returns the update's L2 norm.  Cost: K x P normals per call.
-        A non-finite result is refused before it is written to that block;
-        the run must then stop (earlier blocks may already hold the step)."""
+                     alpha: float, sources=None) -> float:
+        """theta += step(sum_k c_k eps_k), tensor by tensor, block by block,
+        draws in order on every rank, so the fp32 sums are bitwise identical
+        everywhere.  `sources[i]` (default: full-rank noise for every tensor)
+        yields tensor i's (start, stop, accumulated sum) blocks, or is None for
+        a frozen tensor.  Returns the update's L2 norm.  A non-finite result is
+        refused before it is written to that block; the run must then stop
+        (earlier blocks may already hold the step)."""
         if plan.empty:
             return 0.0
         opt.begin()
@@ -106,15 +121,11 @@ class Weights:
         sq = 0.0
         self.version += 1
         for i, m in enumerate(self.master):
+            source = self.full_blocks if sources is None else sources[i]
+            if source is None:
+                continue
             mf = m.view(-1)
-            for b, s, e in self._blocks[i]:
-                acc, eps = self._tmp[: e - s], self._eps[: e - s]
-                acc.zero_()
-                for k, c in enumerate(coeffs):
-                    if c == 0.0:
-                        continue
-                    noise.block(generation, k, i, b, eps)
-                    acc.add_(eps, alpha=c)
+            for s, e, acc in source(noise, generation, i, coeffs):
                 delta = opt.step_tensor(i, mf[s:e], acc, plan.scale, plan.grad_scale, alpha, part=slice(s, e))
                 if not bool(torch.isfinite(delta).all()):
                     raise RunAborted(f"generation {generation}: non-finite update in tensor {self.names[i]}; "

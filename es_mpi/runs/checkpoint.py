@@ -3,7 +3,7 @@
 Contents (schema 1):
   /weights/<name>     fp32 master, one dataset per parameter, named as in the HF state dict
   /optimizer/<key>    optimizer state (t, m/<name>, v/<name> for Adam)
-  attrs: kind, schema_version, es_mpi_version, noise_scheme (noise.SCHEME),
+  attrs: kind, schema_version, es_mpi_version, noise_scheme (noise.scheme_for of its config),
          generation (generations done), seed, config (YAML), digest (SHA-256 of
          the weights, see model.weights_digest), base_model, names (parameter order)
 
@@ -45,7 +45,8 @@ def write(final: str | Path, generation: int, weights: Mapping[str, np.ndarray],
     """Atomically write a checkpoint file at any path (`es-mpi replay --out`)."""
     # imported here: noise pulls in torch, which the readers of this module
     # (`es-mpi info`) need not load; every writer has it loaded already
-    from ..engine.noise import SCHEME as NOISE_SCHEME
+    from .. import config as config_mod
+    from ..engine.noise import scheme_for
 
     final = Path(final)
     try:
@@ -64,7 +65,8 @@ def write(final: str | Path, generation: int, weights: Mapping[str, np.ndarray],
             f.attrs["kind"] = KIND
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.attrs["es_mpi_version"] = __version__
-            f.attrs["noise_scheme"] = NOISE_SCHEME  # whatever wrote the weights drew this noise
+            # whatever wrote the weights drew the noise its config defines
+            f.attrs["noise_scheme"] = scheme_for(config_mod.loads(str(attrs.get("config", "")) or "{}").es)
             f.attrs["generation"] = int(generation)
             f.attrs["names"] = list(weights)
             for k, v in attrs.items():

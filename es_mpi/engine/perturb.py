@@ -1,0 +1,53 @@
+"""The two perturbation kinds behind one interface, as the trainer uses them:
+
+  begin(generation, members)   before this rank's tiles (members it holds rows of)
+  tile(members_of_rows)        before a tile: returns the decoder's row listener, or None
+  end()                        after the last tile: the working weights are cast(master) again
+  apply_update(generation, plan, opt, alpha) -> update norm
+
+Full-rank noise (FullRank) materialises one member's weights at a time, so a
+tile holds one member's rows; low-rank noise (lowrank.LowRank) perturbs rows
+of any members in one batch through forward hooks.
+"""
+from __future__ import annotations
+
+from .lowrank import LowRank
+from .noise import NoiseSource, member_noise
+
+
+class FullRank:
+    kind = "full"
+
+    def __init__(self, weights, noise: NoiseSource, es):
+        self.weights, self.noise = weights, noise
+        self.sigma, self.antithetic = es.sigma, es.antithetic
+        self._gen, self._current = 0, None
+
+    @property
+    def n_perturbed(self) -> int:
+        return self.weights.n_params
+
+    def begin(self, generation: int, members: list[int]) -> None:
+        self._gen, self._current = generation, None
+
+    def tile(self, members_of_rows: list[int]):
+        m = members_of_rows[0]
+        if any(x != m for x in members_of_rows):
+            raise ValueError("a full-rank tile holds one member's rows")
+        if m != self._current:
+            self.weights.materialise(self.noise, self._gen, member_noise(m, self.antithetic), self.sigma)
+            self._current = m
+        return None
+
+    def end(self) -> None:
+        self.weights.restore()
+        self._current = None
+
+    def apply_update(self, generation: int, plan, opt, alpha: float) -> float:
+        return self.weights.apply_update(self.noise, generation, plan, opt, alpha)
+
+
+def make_perturbation(es, model, weights, noise: NoiseSource):
+    if es.noise == "lowrank":
+        return LowRank(model, weights, noise, es)
+    return FullRank(weights, noise, es)
