@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 MMAP_THRESHOLD = 32 << 20          # glibc's maximum on 64-bit
 TRIM_THRESHOLD = (1 << 31) - 1     # an int: never trim in practice
 _tuned = False
@@ -33,7 +33,8 @@ def tune_allocator() -> bool:
         mallopt = None
     if mallopt is None:
         return False
-    _tuned = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    _tuned = (bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+              and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
     return _tuned
 
 

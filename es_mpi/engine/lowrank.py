@@ -125,7 +125,9 @@ class LowRank:
                 a = torch.stack([self.noise.factor(generation, mn.index, i, 0, m_, self.rank) for mn in mns])
                 b = torch.stack([self.noise.factor(generation, mn.index, i, 1, n_, self.rank) for mn in mns])
                 scale = (signs * (self.sigma / math.sqrt(self.rank))).to(w.dtype)
-                self._factors[i] = (a.to(w.dtype), b.to(w.dtype), scale)
+                # B of all local members side by side, (n, k r): x B for every member is one GEMM
+                b_cat = b.permute(1, 0, 2).reshape(n_, -1).to(w.dtype).contiguous()
+                self._factors[i] = (a.to(w.dtype), b.to(w.dtype), scale, b_cat)
             else:
                 eps = torch.stack([self.noise.tensor(generation, mn.index, i, w.shape).view(-1) for mn in mns])
                 self._factors[i] = (eps.to(w.dtype), (signs * self.sigma).to(w.dtype))
@@ -142,21 +144,34 @@ class LowRank:
         self._factors = {}
 
     def _hook(self, i: int, how: str):
+        def add_outer(out, left, right):
+            """out (n, L, m) += sum_j left[..., j] (n, L) x right[:, :, j] (n, m),
+            one broadcast multiply-add per j: a bf16 bmm with inner dimension 1
+            ran 100x slower here (132 ms for 128 x 98 x 1536)."""
+            o3 = out.view(left.shape[0], -1, out.shape[-1])
+            for j in range(self.rank):
+                o3.addcmul_(left[..., j:j + 1], right[:, None, :, j])
+            return out
+
         def linear(mod, args, out):
-            a, b, scale = self._factors[i]
+            # x B for every local member in one GEMM with k r columns (~1 % of
+            # the layer's own), then each row keeps its member's r columns: a
+            # per-row bmm of (1 x n) (n x r) cost 0.2 ms per call on decode steps
+            a, _, scale, b_cat = self._factors[i]
             rm = self.row_member
-            x = args[0]
-            xb = torch.bmm(x.reshape(rm.numel(), -1, x.shape[-1]), b[rm])            # (n, L, r)
+            n = rm.numel()
+            x = args[0].reshape(n, -1, args[0].shape[-1])
+            xb_all = (x @ b_cat).view(n, x.shape[1], -1, self.rank)                   # (n, L, k, r)
+            xb = xb_all[torch.arange(n, device=rm.device), :, rm]                      # (n, L, r)
             xb.mul_(scale[rm].view(-1, 1, 1))
-            return out.add_(torch.bmm(xb, a[rm].transpose(1, 2)).view(out.shape))     # + (n, L, m)
+            return add_outer(out, xb, a[rm])                                           # + (n, L, m)
 
         def embedding(mod, args, out):
-            a, b, scale = self._factors[i]
+            a, b, scale, _ = self._factors[i]
             rm = self.row_member
-            ids = args[0]
-            ar = a[rm[:, None], ids]                                                   # (n, L, r)
+            ar = a[rm[:, None], args[0]]                                               # (n, L, r)
             ar.mul_(scale[rm].view(-1, 1, 1))
-            return out.add_(torch.bmm(ar, b[rm].transpose(1, 2)))                      # + (n, L, n_emb)
+            return add_outer(out, ar, b[rm])                                           # + (n, L, n_emb)
 
         def bias(mod, args, out):
             eps, scale = self._factors[i]

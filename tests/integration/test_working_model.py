@@ -87,3 +87,24 @@ def test_smollm2_bf16_working_model_and_its_export_decode_as_hf_bf16(cache_dir, 
     exported = hf_bf16(tmp_path / "hf")
     assert_same_model(ours, exported)
     assert plain_generate(exported, tok, texts, new)[0] == plain_generate(ours, tok, texts, new)[0]
+
+
+def test_auto_dtype_is_said_recorded_and_resumes(tmp_path, cache_dir, monkeypatch):
+    """The start line says what `auto` picked and why; the run records the
+    concrete dtype, and resuming with the same `auto` config needs no --force."""
+    import re
+
+    from conftest import cli_train
+    from es_mpi.runs.runlog import read_log
+
+    monkeypatch.setenv("ES_MPI_CACHE", str(cache_dir))
+    args = ["--config", "configs/tiny.yaml", "--set", "model.dtype=auto", "--set", "eval.limit=0",
+            "--set", "checkpoint.every=1", "--run-dir", str(tmp_path / "run")]
+    code, out, err = cli_train(*args, "--set", "es.generations=1")
+    assert code == 0, err
+    said = re.search(r"dtype (bf16|fp32) \(auto: ([^)]*)\)", out + err)
+    assert said, out + err
+    assert f"dtype: {said.group(1)}" in (tmp_path / "run" / "config.yaml").read_text()
+    assert f"dtype: {said.group(1)}" in read_log(tmp_path / "run" / "log.h5")["attrs"]["config"]
+    code, out, err = cli_train(*args, "--set", "es.generations=2", "--resume")
+    assert code == 0 and "resumed at generation 1" in out + err, err
