@@ -154,8 +154,10 @@ def eval_cmd(config_path, overrides, ckpt, model_path, split, limit, out_path):
 @click.option("--compare-ranks", is_flag=True, help="Also run the same generations on one rank.")
 @click.option("--baseline", type=click.Choice(["paper"]), default=None,
               help="Also run the ES paper's per-member loop on the same work (generations per hour).")
+@click.option("--update-n", "update_n", default="", metavar="N,N,...",
+              help="Also time one update at each of these populations (same noise kind).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write figures here.")
-def bench(config_path, overrides, generations, compare_ranks, baseline, json_path):
+def bench(config_path, overrides, generations, compare_ranks, baseline, update_n, json_path):
     """ES generations against pure inference on the same work (run on 1+ ranks)."""
     from . import config as config_mod
 
@@ -166,7 +168,13 @@ def bench(config_path, overrides, generations, compare_ranks, baseline, json_pat
         cfg = comm.agree(lambda: config_mod.load(config_path or _default_config(), overrides))
         from .commands.bench import format_table, run_bench, write_json
 
-        res = run_bench(cfg, comm, generations, compare_ranks, baseline or "")
+        try:
+            pops = [int(x) for x in update_n.split(",") if x.strip()]
+        except ValueError:
+            raise UserError(f"--update-n {update_n!r}: expected populations like 8,32,128") from None
+        if any(n < 1 for n in pops):
+            raise UserError(f"--update-n {update_n!r}: populations must be >= 1")
+        res = run_bench(cfg, comm, generations, compare_ranks, baseline or "", pops)
         if comm.is_root:
             click.echo(format_table(res))
             if json_path:

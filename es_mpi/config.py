@@ -70,7 +70,8 @@ class GenerationConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     every: int = 0                 # held-out evaluation every K generations (0: start and end only if limit>0)
-    limit: int = 0                 # held-out prompts per evaluation; 0 disables periodic eval
+    limit: int = 0                 # held-out prompts at the start and the end; 0 disables held-out eval
+    subset: int = 0                # prompts in the periodic evaluations between (the first ones); 0 = limit
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,7 @@ _RANGES = {
     "generation.batch_size": (lambda v: v >= 0, ">= 0"),
     "eval.every": (lambda v: v >= 0, ">= 0"),
     "eval.limit": (lambda v: v >= 0, ">= 0"),
+    "eval.subset": (lambda v: v >= 0, ">= 0"),
     "checkpoint.every": (lambda v: v >= 0, ">= 0"),
     "checkpoint.keep": (lambda v: v >= 1, ">= 1"),
 }

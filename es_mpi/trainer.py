@@ -233,9 +233,12 @@ class Trainer:
             rew[m], st[m], cor[m] = member_scores(rows[m, :, 0], rows[m, :, 1], rows[m, :, 2])
         return rew, st, cor, stop
 
-    def heldout_eval(self, gen: int) -> dict:
-        """Held-out evaluation of the current master, tiles of prompts over ranks."""
-        examples = self.heldout_set[:self.cfg.eval.limit]
+    def heldout_eval(self, gen: int, periodic: bool = False) -> dict:
+        """Held-out evaluation of the current master, tiles of prompts over ranks.
+        The periodic ones between start and end may take only the first
+        `eval.subset` prompts: a cheap curve, with the full set at both ends."""
+        ev = self.cfg.eval
+        examples = self.heldout_set[:min(ev.subset or ev.limit, ev.limit) if periodic else ev.limit]
         res = generate_and_score(self.model, self.tok, self.task, examples, self.cfg, self.comm, self.chat)
         scored = [sc for _, _, sc in res]
         summ = summarize([s.reward for s in scored], [s.correct for s in scored])
@@ -268,6 +271,7 @@ class Trainer:
         upd = apply_generation_update(self.perturb, self.opt, es, gen, rewards, status, tamper)
         times["t_update"] = time.perf_counter() - t0
         valid, z, plan, norm = upd.valid_N, upd.shaped_N, upd.plan, upd.norm
+        self.last_update_ran = not plan.empty
         faults.after_update(self.weights, gen, self.comm.rank)
         done = gen + 1
         if es.check_every and done % es.check_every == 0:
@@ -290,7 +294,7 @@ class Trainer:
                       times["t_update"], times["t_total"])
         ev = cfg.eval
         if ev.limit and ev.every and done % ev.every == 0 and done < es.generations:
-            self.heldout_eval(done)
+            self.heldout_eval(done, periodic=True)
         if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < es.generations:
             self.save(done)
         return stop

@@ -21,6 +21,7 @@ one rank (parallel efficiency, and whether the weights come out bit-identical).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -36,6 +37,7 @@ from ..comm import Comm, serial
 from ..decode import decode_batch, format_prompts, greedy_config
 from ..engine.es import UpdatePlan
 from ..engine.noise import prompt_batch
+from ..engine.perturb import make_perturbation
 from ..model import load_model
 from ..trainer import Trainer
 from .paper_loop import paper_generation
@@ -176,7 +178,31 @@ def _peak_gpu(device: str, fn):
     return out, torch.cuda.max_memory_allocated(device)
 
 
-def run_bench(cfg, comm: Comm, generations: int = 1, compare_ranks: bool = False, baseline: str = "") -> dict:
+def unit_plan(es, population: int) -> UpdatePlan:
+    """An update with every coefficient 1: what a generation with learning signal pays."""
+    return UpdatePlan(np.ones(population // (2 if es.antithetic else 1)), population,
+                      es.alpha / population, 1.0 / population)
+
+
+def update_scaling(trainer, comm: Comm, populations) -> dict:
+    """Seconds of one update at each population N, same model and noise kind: full-rank
+    regenerates N normals per weight, low-rank N thin factors and one rank-K product
+    per matrix.  Run last: it moves the master."""
+    out = {}
+    for n in populations:
+        es = dataclasses.replace(trainer.cfg.es, population=int(n))
+        pert = make_perturbation(es, trainer.model, trainer.weights, trainer.noise)
+        try:
+            t0 = time.perf_counter()
+            pert.apply_update(0, unit_plan(es, es.population), trainer.opt, es.alpha)
+            out[int(n)] = float(comm.allgather_floats(np.array([time.perf_counter() - t0]))[:, 0].max())
+        finally:
+            pert.close()
+    return out
+
+
+def run_bench(cfg, comm: Comm, generations: int = 1, compare_ranks: bool = False, baseline: str = "",
+              update_populations=()) -> dict:
     tmp = comm.bcast_json(tempfile.mkdtemp(prefix="es-mpi-bench-") if comm.is_root else None)
     try:
         trainer = Trainer(cfg, comm, Path(tmp) / "run")
@@ -199,10 +225,13 @@ def run_bench(cfg, comm: Comm, generations: int = 1, compare_ranks: bool = False
                 mine = pure_inference(trainer, straight, g)
                 t_a.append(float(comm.allgather_floats(np.array([mine]))[:, 0].max()))
 
+        updates_ran = []
+
         def phase_b():
             nonlocal tokens
             for g in range(generations):
                 trainer.step(g)
+                updates_ran.append(trainer.last_update_ran)
                 t_b.append(trainer.last_times["t_total"])
                 tokens += trainer.last_times["tokens"]
                 for p in PHASES:
@@ -233,14 +262,12 @@ def run_bench(cfg, comm: Comm, generations: int = 1, compare_ranks: bool = False
         res["master_bytes"] = master_bytes
         res["peak_es_over_inference_plus_master"] = float(np.max(peaks[:, 1] / peaks[:, 0]))
         digest_r = trainer.weights.digest()
-        if phases["t_update"] == 0:
+        if not any(updates_ran):
             # Every shaped score was 0, so no update ran (SmolLM2 scores 0 on every Countdown prompt).
             # A generation with learning signal pays for one: time it with unit coefficients, once,
             # after the weights above are recorded, and count it in generations per hour.
-            plan = UpdatePlan(np.ones(trainer.grid.members // (2 if cfg.es.antithetic else 1)), cfg.es.population,
-                              cfg.es.alpha / cfg.es.population, 1.0 / cfg.es.population)
             t0 = time.perf_counter()
-            trainer.perturb.apply_update(0, plan, trainer.opt, cfg.es.alpha)
+            trainer.perturb.apply_update(0, unit_plan(cfg.es, cfg.es.population), trainer.opt, cfg.es.alpha)
             res["update_forced_s"] = float(comm.allgather_floats(np.array([time.perf_counter() - t0]))[:, 0].max())
         trainer.out.close()
         if baseline == "paper":
@@ -264,6 +291,8 @@ def run_bench(cfg, comm: Comm, generations: int = 1, compare_ranks: bool = False
                 res["parallel_efficiency"] = res["time_es_1rank_s"] / (comm.size * total_b)
                 res["same_weights_1_vs_R_ranks"] = one.weights.digest() == digest_r
             comm.barrier()
+        if update_populations:
+            res["update_s_by_population"] = update_scaling(trainer, comm, update_populations)
         return res
     finally:
         comm.barrier()
@@ -320,6 +349,9 @@ def format_table(res: dict) -> str:
                                          f"{p['t_decode']:.1f}, update {p['t_update']:.1f} on rank 0)"),
                  ("generations/hour ours / paper", f"{res['gens_per_hour']:.1f} / {p['gens_per_hour']:.1f}"),
                  ("generations/hour vs paper", f"{res['gens_per_hour_over_paper']:.3f}x")]
+    if "update_s_by_population" in res:
+        rows += [(f"update s at N = {n} ({res['config']['es']['noise']})", f"{t:.3f}")
+                 for n, t in res["update_s_by_population"].items()]
     if "parallel_efficiency" in res:
         rows += [("1-rank ES s/gen", f"{res['time_es_1rank_s']:.3f}"),
                  ("parallel efficiency", f"{res['parallel_efficiency']:.3f}"),

@@ -34,6 +34,10 @@ def summary(run: dict) -> dict[str, Any]:
         "best_generation": int(np.nanargmax(gen["reward_mean"])) if np.isfinite(best) else -1,
         "heldout_first": float(held[0]) if len(held) else math.nan,
         "heldout_last": float(held[-1]) if len(held) else math.nan,
+        "heldout_accuracy_first": float(ev["accuracy"][0]) if len(held) else math.nan,
+        "heldout_accuracy_last": float(ev["accuracy"][-1]) if len(held) else math.nan,
+        "heldout_n_first": int(ev["n_prompts"][0]) if len(held) else 0,
+        "heldout_n_last": int(ev["n_prompts"][-1]) if len(held) else 0,
         "heldout_first_gen": int(ev["generation"][0]) if len(held) else -1,
         "heldout_last_gen": int(ev["generation"][-1]) if len(held) else -1,
         "median_s_per_gen": times["t_total"], **{f"median_{t}": v for t, v in times.items() if t != "t_total"},
@@ -67,8 +71,10 @@ def info_lines(run_dir: str | Path) -> list[str]:
         f"last {s['reward_last']:.4f}",
     ]
     if s["heldout_first_gen"] >= 0:
-        lines.append(f"held-out     first {s['heldout_first']:.4f} (gen {s['heldout_first_gen']}), "
+        lines.append(f"held-out     reward first {s['heldout_first']:.4f} (gen {s['heldout_first_gen']}), "
                      f"last {s['heldout_last']:.4f} (gen {s['heldout_last_gen']})")
+        lines.append(f"held-out     accuracy first {s['heldout_accuracy_first']:.3f} (n={s['heldout_n_first']}), "
+                     f"last {s['heldout_accuracy_last']:.3f} (n={s['heldout_n_last']})")
     else:
         lines.append("held-out     none")
     if newest is not None:

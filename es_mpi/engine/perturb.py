@@ -46,6 +46,9 @@ class FullRank:
     def apply_update(self, generation: int, plan, opt, alpha: float) -> float:
         return self.weights.apply_update(self.noise, generation, plan, opt, alpha)
 
+    def close(self) -> None:  # nothing installed on the model (LowRank removes its hooks)
+        pass
+
 
 def make_perturbation(es, model, weights, noise: NoiseSource):
     if es.noise == "lowrank":

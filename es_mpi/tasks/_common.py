@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.resources
+import math
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -9,7 +10,8 @@ from typing import Any, Mapping
 from .base import Task, TaskDataError
 
 # key -> kind; 'count' is an int >= 1 where 0/None means "task default" (the config
-# writes 0 for unset sizes), 'path' is a string where "" means default.
+# writes 0 for unset sizes), 'path' is a string where "" means default, 'number'
+# a finite int or float >= 0.
 COMMON_OPTIONS = {"data": "path", "train_size": "count", "heldout_size": "count",
                   "seed": "int", "chat_template": "bool"}
 
@@ -43,6 +45,11 @@ def task_options(task: Task, extra: Mapping[str, str] | None = None) -> dict[str
                     raise TaskDataError(f"{where}: expected an integer >= 0, got {value}")
                 if value == 0:
                     continue
+        elif kind == "number":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0:
+                raise TaskDataError(f"{where}: expected a number >= 0, got {value!r}")
+            value = float(value)
         elif kind == "path":
             if not isinstance(value, (str, os.PathLike)):
                 raise TaskDataError(f"{where}: expected a file path, got {value!r}")

@@ -1,9 +1,16 @@
 """Conciseness (the ES paper's task): answer short questions briefly.
 
 reward   = -|len(answer) - len(target)|  in characters (the paper's reward),
+           minus `missing_penalty` when the answer lacks the target
 contains = 1 if the target appears in the answer (case-insensitive), so that
            "learning to say nothing" is visible: reward rises but contains falls.
 correct  = contains.
+
+Option `missing_penalty` (characters, default 0 = the paper's reward): with
+the paper's reward alone, ES on SmolLM2-135M learns to be brief partly by
+dropping the answer (contains 0.52 -> 0.29 in 12 generations); a penalty
+above any length gain (the demo's 150 characters: SmolLM2's untrained
+answers average 101) makes "shorter and still right" the only way up.
 
 Data: JSONL with `question` and `answer` (optional `id`).  Default: the
 packaged es_mpi/data/conciseness.jsonl (97 factual questions); even rows train,
@@ -22,7 +29,8 @@ class ConcisenessTask(Task):
 
     def __init__(self, options=None):
         super().__init__(options)
-        self.opts = task_options(self)
+        self.opts = task_options(self, {"missing_penalty": "number"})
+        self.missing_penalty = self.opts.get("missing_penalty", 0.0)
         self.path = self.opts.get("data") or packaged("conciseness.jsonl")
         self._rows = None
 
@@ -51,5 +59,5 @@ class ConcisenessTask(Task):
         target = str(example.fields["answer"])
         answer = completion.strip()
         contains = float(target.lower() in answer.lower())
-        reward = -float(abs(len(answer) - len(target)))
+        reward = -float(abs(len(answer) - len(target))) - (0.0 if contains else self.missing_penalty)
         return Score(reward, {"length": float(len(answer)), "contains": contains}, bool(contains))

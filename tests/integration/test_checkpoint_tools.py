@@ -3,6 +3,7 @@ in-process), plus what happens to damaged files: every bad log or checkpoint
 is a one-line error naming the file, a checkpoint write killed with SIGKILL
 leaves the previous one in charge, and the log is readable while it grows."""
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -27,12 +28,12 @@ from es_mpi.model import load_model, load_tokenizer
 from es_mpi.runs.runlog import read_log
 from es_mpi.trainer import Trainer
 
-TINY = ["es.generations=4", "checkpoint.every=2", "eval.every=2", "eval.limit=8"]
+TINY = ["es.generations=4", "checkpoint.every=2", "eval.every=2", "eval.limit=8", "eval.subset=3"]
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, cache_dir):
-    """4 generations, checkpoints after 2 and 4, held-out after 0, 2, 4."""
+    """4 generations, checkpoints after 2 and 4, held-out after 0, 2 (a subset of 3 prompts), 4."""
     from es_mpi.comm import serial
 
     d = tmp_path_factory.mktemp("tools") / "run"
@@ -142,6 +143,10 @@ def test_info_summarises_the_run(tiny_run):
     assert "builtin:tiny" in out and "toy" in out and "1 rank(s)" in out
     assert "es.generations=4" in out and "checkpoint.every=2" in out
     assert "4 done" in out and "held-out" in out and "gen-000004.h5" in out
+    ev = read_log(run_dir / "log.h5")["eval"]
+    assert list(ev["generation"]) == [0, 2, 4] and list(ev["n_prompts"]) == [8, 3, 8]
+    acc = [line for line in out.splitlines() if "accuracy first" in line][0]
+    assert f"first {ev['accuracy'][0]:.3f} (n=8)" in acc and f"last {ev['accuracy'][-1]:.3f} (n=8)" in acc
     size_line = [line for line in out.splitlines() if line.startswith("size")][0]
     assert "log.h5" in size_line and "checkpoint" in size_line
 
@@ -316,3 +321,26 @@ def test_log_and_tools_read_a_run_while_it_is_written(tmp_path, cache_dir, capsy
     assert proc.returncode == 0, out.read_text()[-2000:]
     assert seen == sorted(seen) and seen[0] < 4 and len(set(seen)) >= 2, seen
     assert len(read_log(d / "log.h5")["gen"]["generation"]) == 4
+
+
+def test_compare_evals_pairs_prompts_by_id(tmp_path, capsys):
+    def write(name, rows):
+        p = tmp_path / name
+        p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(p)
+
+    before = write("a.jsonl", [{"index": i, "id": f"q{i}", "completion": "x", "reward": float(i), "correct": i % 2 == 0,
+                                "length": 10.0} for i in range(4)])
+    after = write("b.jsonl", [{"index": i, "id": f"q{i}", "completion": "y", "reward": float(i) + d, "correct": True,
+                               "length": 5.0} for i, d in zip(range(3, -1, -1), (1, 3, 1, 3))])
+    tool = load_tool("compare_evals")
+    assert tool.main([before, after]) == 0
+    out = capsys.readouterr().out
+    # ids pair q3 with q3 etc. whatever the line order: reward changes 3, 1, 3, 1 -> mean +2
+    res = tool.paired(tool.read_eval(before), tool.read_eval(after))
+    assert res["reward"][2] == 2.0 and res["correct"][:3] == (0.5, 1.0, 0.5) and res["length"][2] == -5.0
+    assert abs(res["reward"][3] - 1.96 * np.std([3, 1, 3, 1], ddof=1) / 2) < 1e-12
+    assert "4 prompts in both" in out and "change +2.0000" in out
+    bad = write("bad.jsonl", ["not json"])
+    assert tool.main([before, bad]) == 2
+    assert "bad.jsonl:1: not an es-mpi eval line" in one_line_error(capsys.readouterr().err, tmp_path)

@@ -1,4 +1,4 @@
-"""The generated and file-based built-in tasks: sequence, arithmetic, math, sudoku."""
+"""The generated and file-based built-in tasks: sequence, arithmetic, math, sudoku, conciseness."""
 from __future__ import annotations
 
 import json
@@ -194,3 +194,19 @@ def test_sudoku_scoring():
         make_task("sudoku", {"foo": 1})
     with pytest.raises(TaskDataError, match="puzzle"):
         t.from_record({"puzzle": "123", "solution": "123"}, where="r:1")
+
+
+def test_conciseness_reward_and_missing_penalty():
+    from es_mpi.tasks.conciseness import ConcisenessTask
+
+    ex = Example("q", "What is the capital of France?", {"answer": "Paris"})
+    paper = ConcisenessTask()
+    assert paper.score(ex, " Paris. ").reward == -1.0 and paper.score(ex, " Paris. ").correct
+    assert paper.score(ex, "Rome").reward == -1.0 and not paper.score(ex, "Rome").correct
+    keep = ConcisenessTask({"missing_penalty": 40})
+    assert keep.score(ex, "Paris.").reward == -1.0               # right answers are scored as before
+    assert keep.score(ex, "Rome").reward == -41.0                # a wrong one pays the penalty
+    assert keep.score(ex, "Rome").components == {"length": 4.0, "contains": 0.0}
+    for bad in (-1, "x", float("nan"), True):
+        with pytest.raises(TaskDataError, match="task.options.missing_penalty: expected a number >= 0"):
+            ConcisenessTask({"missing_penalty": bad})
