@@ -205,12 +205,16 @@ def score(task_name, input_path, output_path, options):
 @click.option("--generation", "-g", required=True, type=int, help="Generations done (0: the base model).")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
               help="Checkpoint file to write (not overwritten).")
-def replay(run_dir, generation, out_path):
+@click.option("--force", is_flag=True,
+              help="Replay even where this device draws other noise than the run's (noise fingerprint).")
+def replay(run_dir, generation, out_path, force):
     """Rebuild the weights after G generations from the base model and log.h5 (serial, no checkpoint)."""
     from .commands.replay import replay as do_replay
 
     def body():
-        res = do_replay(run_dir, generation, out_path)
+        res = do_replay(run_dir, generation, out_path, force)
+        for w in res["warnings"]:
+            click.echo(f"es-mpi: warning: {w}", err=True)
         click.echo(f"replayed {res['generation']} generation(s) -> {res['path']} (digest {res['digest']})")
 
     _run(body, [None, True])

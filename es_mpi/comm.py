@@ -153,9 +153,18 @@ def serial() -> Comm:
 
 
 def pick_device(pref: str, comm: Comm) -> str:
-    """CUDA device from the node-local rank when GPUs exist, else CPU.
-    The shared-memory split gives the local rank; SLURM_LOCALID and
-    OMPI_COMM_WORLD_LOCAL_RANK agree with it under srun / mpirun."""
+    """This rank's device: CPU, or the CUDA device of its node-local rank.
+
+    The local rank is the MPI shared-memory split's (Comm.local_rank), never a
+    launcher variable: under `mpirun` inside a Slurm allocation every rank
+    inherits the same SLURM_LOCALID, which put all ranks on cuda:0.  With one
+    visible device per rank (srun --gpus-per-task=1, or a per-rank
+    CUDA_VISIBLE_DEVICES) the index is 0; with several visible, the local rank
+    picks one, and more local ranks than devices is refused (`local % n`
+    silently stacked ranks on one card).  The caller then runs
+    check_devices_unique, which catches ranks that still share a card.
+    Raises UserError; calls torch.cuda.set_device so that libraries that use
+    "the current device" (vLLM, NCCL-free CUDA code) use this one."""
     import torch
 
     if pref == "cpu" or (pref == "auto" and not torch.cuda.is_available()):
@@ -163,13 +172,46 @@ def pick_device(pref: str, comm: Comm) -> str:
     if not torch.cuda.is_available():
         raise UserError("model.device: 'cuda' requested but no CUDA device is visible")
     n = torch.cuda.device_count()
-    local = comm.local_rank
-    for var in ("SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"):
-        if os.environ.get(var, "").isdigit():
-            local = int(os.environ[var])
-            break
-    # Under srun with --gpus-per-task each rank sees one device: index 0.
-    return f"cuda:{local % n}"
+    local, on_node = comm.local_rank, comm.local_size
+    if n == 1:
+        index = 0
+    elif on_node > n:
+        raise UserError(f"{on_node} ranks on this node but {n} visible GPUs: one GPU per rank "
+                        f"(start at most {n} ranks per node, or bind one GPU to each rank)")
+    else:
+        index = local
+    torch.cuda.set_device(index)
+    return f"cuda:{index}"
+
+
+def device_identity(device: str) -> str:
+    """"host/GPU UUID" for a CUDA device (its PCI bus address where torch has no
+    UUID), or "" for the CPU."""
+    import socket
+
+    import torch
+
+    if not device.startswith("cuda"):
+        return ""
+    props = torch.cuda.get_device_properties(torch.device(device))
+    uid = getattr(props, "uuid", None) or getattr(props, "pci_bus_id", None) or device
+    return f"{socket.gethostname()}/{uid}"
+
+
+def check_devices_unique(device: str, comm: Comm) -> None:
+    """Every rank gathers every rank's (host, GPU UUID); ranks that share a
+    GPU raise the same one-line UserError on every rank, naming them.  One
+    small Allgatherv at set-up.  CPU ranks share cores by design: not checked."""
+    ids = comm.allgather_json(device_identity(device))
+    seen: dict[str, list[int]] = {}
+    for r, ident in enumerate(ids):
+        if ident:
+            seen.setdefault(ident, []).append(r)
+    shared = [(ident, ranks) for ident, ranks in seen.items() if len(ranks) > 1]
+    if shared:
+        ident, ranks = shared[0]
+        raise UserError(f"ranks {', '.join(map(str, ranks))} share GPU {ident}: es-mpi needs one GPU per rank "
+                        "(fewer ranks per node, or srun --gpus-per-task=1)")
 
 
 def default_threads(comm: Comm) -> int:

@@ -32,6 +32,7 @@ class ESConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
+    adam_state: str = "auto"       # auto | device | host: where Adam's fp32 moments live (host: pinned, streamed)
     prompts_per_generation: int = 8  # prompts every member is scored on, per generation
     check_every: int = 10          # cross-rank weight digest check every K generations (0: start/end only)
     noise: str = "full"            # full: every weight gets its own noise | lowrank: E = A B^T / sqrt(rank) (EGGROLL)
@@ -100,6 +101,7 @@ _CHOICES = {
     "es.shaping": ("zscore", "centered_rank", "raw"),
     "es.step": ("paper", "gradient"),
     "es.optimizer": ("sgd", "adam"),
+    "es.adam_state": ("auto", "device", "host"),
     "es.noise": ("full", "lowrank"),
     "es.lowrank_scope": ("layers", "all"),
     "model.dtype": ("auto", "fp32", "bf16", "fp16"),

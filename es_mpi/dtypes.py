@@ -41,7 +41,9 @@ def choose(pref: str, device: str, flags: set[str] | None = None) -> tuple[str, 
     if pref != "auto":
         return pref, "as configured"
     if device.startswith("cuda"):
-        if torch.cuda.is_bf16_supported():
+        # including_emulation=False: pre-Ampere cards "support" bf16 only by
+        # emulation, several times slower than fp16 there
+        if torch.cuda.is_bf16_supported(including_emulation=False):
             return "bf16", "auto: CUDA device with bf16"
         return "fp16", "auto: CUDA device without bf16"
     flags = cpu_flags() if flags is None else flags

@@ -19,14 +19,17 @@ import torch
 
 from .runs import checkpoint
 from . import config as config_mod, faults
-from .comm import Comm, default_threads, pick_device
+from .clock import Clock
+from .comm import Comm, check_devices_unique, default_threads, pick_device
 from .signals import catch_stop_signals, clear_stop, ignore_stop_signals, restore_signals, stop_requested
 from .errors import RunAborted, UserError
-from .model import load_model, load_tokenizer, prepare, weights_digest
-from .engine.noise import NoiseSource, member_noise, prompt_batch, scheme_for, scheme_of
+from .memory import Budget, adam_state_device
+from .model import load_model, load_tokenizer, prepare
+from .engine.noise import (NoiseSource, fingerprint_of, fingerprint_short, fingerprint_text, member_noise,
+                           prompt_batch, ranks_disagree, same_noise, scheme_for, scheme_of)
 from .engine.optim import make_optimizer
 from .runs.rundir import RunOutput, check_run_dir
-from .decode import decode_batch, format_prompts
+from .decode import compat, decode_batch, format_prompts
 from .scoring import generate_and_score, member_scores, score_one, summarize
 from .tasks import TaskDataError, make_task
 from .engine.update import apply_generation_update
@@ -79,6 +82,7 @@ def setup_model(cfg, comm: Comm):
                                             build=comm.is_root)))
     comm.barrier()
     device = comm.agree(lambda: pick_device(cfg.model.device, comm))
+    check_devices_unique(device, comm)
     if device.startswith("cpu") and cfg.model.dtype == "fp16":
         raise UserError("model.dtype: fp16 is not supported on CPU (use fp32, bf16 or auto)")
     dtype, why = comm.bcast_json(list(choose(cfg.model.dtype, device)) if comm.is_root else None)
@@ -86,6 +90,42 @@ def setup_model(cfg, comm: Comm):
     model, master = load_model(Path(folder), dtype, device)
     tok = load_tokenizer(Path(folder))
     return cfg, Path(folder), model, master, tok, device, why
+
+
+def adam_placement(cfg, device: str, weights: Weights) -> tuple[str, str]:
+    """Where Adam's moments live (memory.adam_state_device), or UserError."""
+    if cfg.es.optimizer != "adam":
+        return device, ""
+    card = torch.cuda.get_device_properties(torch.device(device)).total_memory if device.startswith("cuda") else None
+    budget = Budget(weights.n_params, weights.working[0].element_size(), adam=True)
+    try:
+        return adam_state_device(cfg.es.adam_state, device, budget, card)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def check_noise_agrees(noise: NoiseSource, comm: Comm) -> dict:
+    """Every rank's noise fingerprint (noise.fingerprint), gathered once at
+    set-up (one small Allgatherv): ranks that draw other noise for the same
+    seed (another GPU model, a MIG slice, the CPU) raise the same one-line
+    UserError on every rank, naming them.  Returns this rank's fingerprint."""
+    mine = noise.fingerprint()
+    why = ranks_disagree(comm.allgather_json(mine))
+    if why:
+        raise UserError(f"ranks draw different noise for the same seed: {why}; run all ranks on one GPU model "
+                        "and MIG profile (or all on CPU)")
+    return mine
+
+
+def check_masters_agree(comm: Comm, fingerprint: int, generation: int) -> None:
+    """All ranks gather the master's fingerprint (Weights.fingerprint, 8 bytes
+    each); a mismatch raises the same RunAborted on every rank, naming the
+    generation and the ranks that differ from rank 0."""
+    all_f = comm.allgather_bytes(int(fingerprint).to_bytes(8, "little"), 8)
+    bad = [r for r, f in enumerate(all_f) if f != all_f[0]]
+    if bad:
+        raise RunAborted(f"generation {generation}: master weights diverged across ranks: "
+                         f"rank(s) {', '.join(map(str, bad))} differ from rank 0")
 
 
 @dataclass
@@ -110,16 +150,21 @@ class Trainer:
         self.threads = threads
         cfg, self.folder, model, master, self.tok, self.device, self.dtype_reason = setup_model(cfg, comm)
         self.cfg = cfg
+        self.clock = Clock(self.device)   # every phase time waits for the device's queued work
         self.model = model
         self.weights = Weights(model, master=master)
-        self.base_digest = self.weights.digest()
+        # SHA-256 of the master is for the records rank 0 writes; other ranks never hash it
+        self.base_digest = self.weights.digest() if comm.is_root else None
         self.noise = NoiseSource(es.seed, self.device)
+        self.noise_fp = check_noise_agrees(self.noise, comm)
+        self._notes: list[str] = []   # warnings from set-up, printed once the run log is open
         try:
             self.perturb = make_perturbation(es, model, self.weights, self.noise)
         except ValueError as e:
             raise UserError(str(e)) from None
+        self.adam_where, self.adam_why = comm.agree(lambda: adam_placement(cfg, self.device, self.weights))
         self.opt = make_optimizer(es.optimizer, self.weights.names, self.weights.shapes, es.adam_beta1,
-                                  es.adam_beta2, es.adam_eps, self.device)
+                                  es.adam_beta2, es.adam_eps, self.device, self.adam_where)
         self.grid = make_grid(es.population, es.prompts_per_generation, cfg.generation.batch_size,
                               per_member=self.perturb.kind == "full")
         self.tiles = self.grid.rank_tiles(comm.size, comm.rank)
@@ -145,19 +190,34 @@ class Trainer:
         if scheme != mine and not force:
             raise UserError(f"--resume: {path} was written with noise scheme {scheme}, this run draws {mine}; "
                             "this changes the trajectory (pass --force to resume anyway)")
+        drawn = fingerprint_of(ck["attrs"])
+        if drawn is None:
+            self._notes.append(f"{path} records no noise fingerprint (written before es-mpi recorded one): "
+                               f"not checked that this device draws its noise; this run draws "
+                               f"{fingerprint_short(self.noise_fp)}")
+        elif not same_noise(drawn, self.noise_fp):
+            if not force:
+                raise UserError(f"--resume: {path} was drawn with noise {fingerprint_short(drawn)}, this device "
+                                f"draws {fingerprint_short(self.noise_fp)}: the same seed gives other noise here "
+                                "(pass --force to resume anyway)")
+            self._notes.append(f"--force: resuming a run drawn with noise {fingerprint_short(drawn)} on noise "
+                               f"{fingerprint_short(self.noise_fp)}; from here its trajectory is another one")
         try:
             self.weights.load_state_dict(ck["weights"])
             self.opt.load_state_dict(ck["optimizer"])
         except (KeyError, ValueError) as e:
             raise UserError(f"{path}: checkpoint does not match the model ({e})") from None
-        if weights_digest(self.weights.master) != ck["attrs"]["digest"]:
+        # SHA-256 on rank 0 only (agree() gives its error to every rank); the
+        # other ranks read the same file and the agreement check in begin()
+        # proves their masters equal rank 0's.
+        if self.comm.is_root and self.weights.digest() != ck["attrs"]["digest"]:
             raise UserError(f"{path}: weights digest mismatch (corrupted checkpoint)")
         return int(ck["attrs"]["generation"])
 
     def _log_attrs(self) -> dict:
         hosts = sorted(set(self.comm.allgather_json(socket.gethostname())))
         return {"config": self.config_text, "noise_scheme": scheme_for(self.cfg.es),
-                "base_model": self.cfg.model.path,
+                "noise_fingerprint": fingerprint_text(self.noise_fp), "base_model": self.cfg.model.path,
                 "base_model_digest": self.base_digest, "world_size": self.comm.size,
                 "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "hosts": ",".join(hosts),
                 "population": self.cfg.es.population,
@@ -166,17 +226,14 @@ class Trainer:
 
     # -- agreement -------------------------------------------------------------
     def check_agreement(self, generation: int) -> float:
-        """All ranks compare SHA-256 digests of the master; a mismatch aborts
-        every rank (they all see the same gathered digests).  Costs one pass
-        over the master (~1 s per 500 MB) and a 32-byte Allgather."""
-        t0 = time.perf_counter()
-        mine = bytes.fromhex(self.weights.digest())
-        all_d = self.comm.allgather_bytes(mine, 32)
-        bad = [r for r, d in enumerate(all_d) if d != all_d[0]]
-        if bad:
-            raise RunAborted(f"generation {generation}: master weights diverged across ranks: "
-                             f"rank(s) {', '.join(map(str, bad))} differ from rank 0")
-        return time.perf_counter() - t0
+        """All ranks compare the master's exact integer fingerprint, computed
+        on its device (Weights.fingerprint: no host copy of the weights); a
+        mismatch aborts every rank (they all see the same gathered values).
+        Costs one pass over the master, one small host copy and an 8-byte
+        Allgather."""
+        t0 = self.clock()
+        check_masters_agree(self.comm, self.weights.fingerprint(), generation)
+        return self.clock() - t0
 
     # -- one generation --------------------------------------------------------
     def evaluate_rows(self, gen: int, batch: list, times: dict) -> GenResult:
@@ -185,27 +242,27 @@ class Trainer:
         grid = self.grid
         rewards, status, correct = (np.full(self.slot, np.nan) for _ in range(3))
         texts = format_prompts(self.tok, [e.prompt for e in batch], self.chat)
-        t0 = time.perf_counter()
+        t0 = self.clock()
         if self.rows:
             first, last = grid.member_of(self.rows.start), grid.member_of(self.rows.stop - 1)
             self.perturb.begin(gen, list(range(first, last + 1)))
-        times["t_materialise"] += time.perf_counter() - t0
+        times["t_materialise"] += self.clock() - t0
         for tile in self.tiles:
             rows = range(tile.start, tile.stop)
-            t0 = time.perf_counter()
+            t0 = self.clock()
             listener = self.perturb.tile([grid.member_of(r) for r in rows])
-            t1 = time.perf_counter()
+            t1 = self.clock()
             prompts = [grid.prompt_of(r) for r in rows]
             comps = decode_batch(self.model, self.tok, [texts[p] for p in prompts],
                                  self.cfg.generation.max_new_tokens, self.task.stop_strings, rows=listener)
-            t2 = time.perf_counter()
+            t2 = self.clock()
             for r, p, c in zip(rows, prompts, comps):
                 sc = score_one(self.task, batch[p], c.text, self.cfg.task.reward_timeout)
                 k = r - self.rows.start
                 rewards[k], status[k], correct[k] = sc.reward, sc.status, sc.correct
             times["t_materialise"] += t1 - t0
             times["t_decode"] += t2 - t1
-            times["t_reward"] += time.perf_counter() - t2
+            times["t_reward"] += self.clock() - t2
             times["tokens"] += sum(c.n_tokens for c in comps)
         self.perturb.end()
         return GenResult(rewards, status, correct, stop_requested())
@@ -256,27 +313,27 @@ class Trainer:
         cfg, es = self.cfg, self.cfg.es
         times = dict.fromkeys(("t_materialise", "t_decode", "t_reward", "t_exchange", "t_update", "t_digest",
                                "tokens"), 0.0)
-        t_start = time.perf_counter()
+        t_start = self.clock()
         idx = prompt_batch(es.seed, gen, len(self.train_set), es.prompts_per_generation)
         batch = [self.train_set[i] for i in idx]
         local = self.evaluate_rows(gen, batch, times)
-        t0 = time.perf_counter()
+        t0 = self.clock()
         rewards, status, correct, stop = self.exchange(local)
-        times["t_exchange"] = time.perf_counter() - t0
+        times["t_exchange"] = self.clock() - t0
         tamper = None
         if faults.active("nonfinite", gen, self.comm.rank):
             tamper = lambda p: p.__class__(p.coeffs_K, p.n_valid, math.inf, math.inf)  # noqa: E731
-        t0 = time.perf_counter()
+        t0 = self.clock()
         # Shared with `es-mpi replay`, which re-runs it from the logged rewards.
         upd = apply_generation_update(self.perturb, self.opt, es, gen, rewards, status, tamper)
-        times["t_update"] = time.perf_counter() - t0
+        times["t_update"] = self.clock() - t0
         valid, z, plan, norm = upd.valid_N, upd.shaped_N, upd.plan, upd.norm
         self.last_update_ran = not plan.empty
         faults.after_update(self.weights, gen, self.comm.rank)
         done = gen + 1
         if es.check_every and done % es.check_every == 0:
             times["t_digest"] = self.check_agreement(gen)
-        times["t_total"] = time.perf_counter() - t_start
+        times["t_total"] = self.clock() - t_start
         rv = rewards[valid]
         stats = (rv.mean(), rv.std(), rv.min(), rv.max()) if rv.size else (math.nan,) * 4
         n_invalid = int((~valid).sum())
@@ -300,9 +357,16 @@ class Trainer:
         return stop
 
     def save(self, generations_done: int) -> None:
-        attrs = {"seed": self.cfg.es.seed, "config": self.config_text, "digest": self.weights.digest(),
-                 "base_model": self.cfg.model.path, "base_model_digest": self.base_digest}
-        path = self.out.checkpoint(generations_done, self.weights.state_dict(), self.opt.state_dict(), attrs,
+        """Checkpoint (rank 0 writes).  The state dicts and the SHA-256 are
+        built by the writer only: passed as callables, which RunOutput calls on
+        rank 0 (other ranks would copy the master and Adam's moments to the host
+        for nothing: 30 GB, plus 61 GB with Adam, per rank at 7B)."""
+        def attrs():
+            return {"seed": self.cfg.es.seed, "config": self.config_text, "digest": self.weights.digest(),
+                    "base_model": self.cfg.model.path, "base_model_digest": self.base_digest,
+                    "noise_fingerprint": fingerprint_text(self.noise_fp)}
+
+        path = self.out.checkpoint(generations_done, self.weights.state_dict, self.opt.state_dict, attrs,
                                    self.cfg.checkpoint.keep)
         self._saved_at = generations_done
         if path is not None:
@@ -324,6 +388,14 @@ class Trainer:
         self.out.info("dtype %s (%s) | grid %d members x %d prompts in %d tiles of <= %d rows",
                       cfg.model.dtype, self.dtype_reason, self.grid.members, self.grid.prompts, len(self.grid.tiles),
                       max(t.stop - t.start for t in self.grid.tiles))
+        if self.adam_why:
+            self.out.info("adam state: %s", self.adam_why)
+        self.out.info("noise %s", fingerprint_short(self.noise_fp))
+        for note in self._notes:
+            self.out.warning("%s", note)
+        if not compat.supported():
+            self.out.warning("transformers %s is outside the tested range %s (setup.cfg)", compat.VERSION,
+                             compat.range_text())
         idle = [r for r in range(self.comm.size) if not self.grid.rank_tiles(self.comm.size, r)]
         if idle:
             self.out.warning("%d of %d ranks have no work: %d tiles for %d ranks (a smaller generation.batch_size "
@@ -337,7 +409,7 @@ class Trainer:
         if cfg.eval.limit and first:
             self.heldout_eval(0)
         stopped = False
-        t_run = time.perf_counter()
+        t_run = self.clock()
         gen = self.start_gen
         try:
             while gen < es.generations:
@@ -354,8 +426,8 @@ class Trainer:
         finally:
             self.out.close()
             restore_signals(getattr(self, "_prev_signals", {}))
-        digest = self.weights.digest()
-        elapsed = time.perf_counter() - t_run
+        digest = self.weights.digest() if self.comm.is_root else None   # SHA-256: rank 0 prints it
+        elapsed = self.clock() - t_run
         if stopped:
             self.out.info("stop signal: checkpoint at generation %d written; resume with --resume "
                           "(%.1fs this segment)", gen, elapsed)

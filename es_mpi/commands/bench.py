@@ -33,12 +33,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..clock import Clock
 from ..comm import Comm, serial
 from ..decode import decode_batch, format_prompts, greedy_config
 from ..engine.es import UpdatePlan
 from ..engine.noise import prompt_batch
 from ..engine.perturb import make_perturbation
-from ..model import load_model
+from ..memory import GB, RESIDENT_SHARE, Budget
+from ..model import load_straight
 from ..trainer import Trainer
 from .paper_loop import paper_generation
 
@@ -74,23 +76,24 @@ class PeakRSS:
 
 
 def _timed(fn, *args, **kw):
-    """(result, wall seconds of one call)."""
-    t0 = time.perf_counter()
-    out = fn(*args, **kw)
-    return out, time.perf_counter() - t0
+    """(result, wall seconds of one call) of a host-side call (MPI, no device work)."""
+    return Clock("cpu").timed(fn, *args, **kw)
 
 
 def noise_throughput(trainer: Trainer) -> dict:
-    """One full draw of noise (P normals) vs a copy of P floats."""
+    """One full draw of noise (P normals) against the copy bandwidth of the
+    master's largest tensor.  (A copy of the whole master, concatenated, cost
+    two more masters of memory: 61 GB at 7B, past an 80 GB card.)"""
     w = trainer.weights
-    _, t_noise = _timed(w.draw, trainer.noise, 0, 0)
-    src = torch.cat([m.view(-1) for m in w.master])
+    _, t_noise = trainer.clock.timed(w.draw, trainer.noise, 0, 0)
+    src = max(w.master, key=lambda t: t.numel()).view(-1)
     dst = torch.empty_like(src)
     dst.copy_(src)  # first touch outside the timing
-    _, t_copy = _timed(dst.copy_, src)
-    n = w.n_params
-    return {"normals_per_s": n / t_noise, "copy_bytes_per_s": 2 * 4 * n / t_copy,
-            "noise_bytes_over_copy_bandwidth": (4 * n / t_noise) / (2 * 4 * n / t_copy)}
+    _, t_copy = trainer.clock.timed(dst.copy_, src)
+    del dst
+    copy_bw = 2 * 4 * src.numel() / t_copy
+    return {"normals_per_s": w.n_params / t_noise, "copy_bytes_per_s": copy_bw,
+            "noise_bytes_over_copy_bandwidth": (4 * w.n_params / t_noise) / copy_bw}
 
 
 def allgather_latency(trainer: Trainer, comm: Comm, calls: int = 20) -> float:
@@ -124,10 +127,11 @@ def plain_generate(model, tok, texts: list[str], max_new_tokens: int, stop_strin
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(next(model.parameters()).device)
     gcfg = greedy_config(model, tok, max_new_tokens, stop_strings, ignore_eos=ignore_eos)
     kw = {"tokenizer": tok} if stop_strings else {}
-    t0 = time.perf_counter()
+    clock = Clock(enc["input_ids"].device)
+    t0 = clock()
     with torch.no_grad():
         out = model.generate(**enc, generation_config=gcfg, **kw)
-    return out[:, enc["input_ids"].shape[1]:].tolist(), time.perf_counter() - t0
+    return out[:, enc["input_ids"].shape[1]:].tolist(), clock() - t0
 
 
 def pure_inference(trainer: Trainer, straight, gen: int) -> float:
@@ -149,9 +153,9 @@ def decode_vs_generate(trainer: Trainer, straight, texts: list[str]) -> dict:
     stops = trainer.task.stop_strings
     trainer.weights.restore()
     plain_ids, t_plain = plain_generate(straight, tok, texts, mnt, ignore_eos=True)
-    t0 = time.perf_counter()
+    t0 = trainer.clock()
     ours = decode_batch(trainer.model, tok, texts, mnt, ignore_eos=True)
-    t_ours = time.perf_counter() - t0
+    t_ours = trainer.clock() - t0
     same = sum(tok.decode(p, skip_special_tokens=True) == c.text for p, c in zip(plain_ids, ours))
     n_tok = len(texts) * mnt
     res = {"rows": len(texts), "new_tokens": mnt, "plain_generate_s": t_plain, "decode_s": t_ours,
@@ -160,10 +164,10 @@ def decode_vs_generate(trainer: Trainer, straight, texts: list[str]) -> dict:
     # stopping as in training: rows leave the batch, or stay (as in HF generate)
     for leave in (True, False):
         st: dict = {}
-        t0 = time.perf_counter()
+        t0 = trainer.clock()
         comps = decode_batch(trainer.model, tok, texts, mnt, stops, leave=leave, stats=st)
         key = "leave" if leave else "stay"
-        res[f"{key}_s"] = time.perf_counter() - t0
+        res[f"{key}_s"] = trainer.clock() - t0
         res[f"{key}_row_steps"] = st["row_steps"]
         res["completion_tokens"] = sum(c.n_tokens for c in comps)
     return res
@@ -193,12 +197,27 @@ def update_scaling(trainer, comm: Comm, populations) -> dict:
         es = dataclasses.replace(trainer.cfg.es, population=int(n))
         pert = make_perturbation(es, trainer.model, trainer.weights, trainer.noise)
         try:
-            t0 = time.perf_counter()
+            t0 = trainer.clock()
             pert.apply_update(0, unit_plan(es, es.population), trainer.opt, es.alpha)
-            out[int(n)] = float(comm.allgather_floats(np.array([time.perf_counter() - t0]))[:, 0].max())
+            out[int(n)] = float(comm.allgather_floats(np.array([trainer.clock() - t0]))[:, 0].max())
         finally:
             pert.close()
     return out
+
+
+def _second_trainer_fits(trainer) -> str:
+    """--compare-ranks builds a second 1-rank Trainer on rank 0 beside the
+    first: "" when both fit on its GPU (or on CPU), else why it is skipped."""
+    if torch.device(trainer.device).type != "cuda":
+        return ""
+    w = trainer.weights
+    b = Budget(w.n_params, w.working[0].element_size(), adam=trainer.cfg.es.optimizer == "adam")
+    card = torch.cuda.get_device_properties(torch.device(trainer.device)).total_memory
+    need = 2 * (b.master + b.working + b.moments)
+    if need <= RESIDENT_SHARE * card:
+        return ""
+    return (f"a second trainer needs 2 x ({b.text()}) = {need / GB:.1f} GB, over {RESIDENT_SHARE:.0%} "
+            f"of the {card / GB:.0f} GB card; run a 1-rank bench instead")
 
 
 def run_bench(cfg, comm: Comm, generations: int = 1, compare_ranks: bool = False, baseline: str = "",
@@ -208,8 +227,10 @@ def run_bench(cfg, comm: Comm, generations: int = 1, compare_ranks: bool = False
         trainer = Trainer(cfg, comm, Path(tmp) / "run")
         cfg = trainer.cfg  # model.dtype resolved
         trainer.begin()
+        if torch.device(trainer.device).type == "cuda":
+            torch.cuda.reset_peak_memory_stats(trainer.device)
         # what a user would otherwise run: the model straight from HF in the working dtype
-        straight = load_model(trainer.folder, cfg.model.dtype, trainer.device)[0]
+        straight = load_straight(trainer.folder, cfg.model.dtype, trainer.device, trainer.weights.master)
         rows = trainer.rows
         members = range(trainer.grid.member_of(rows.start), trainer.grid.member_of(rows.stop - 1) + 1) if rows else ()
         res = {"config": cfg.to_dict(), "ranks": comm.size, "threads_per_rank": trainer.threads,
@@ -266,9 +287,9 @@ def run_bench(cfg, comm: Comm, generations: int = 1, compare_ranks: bool = False
             # Every shaped score was 0, so no update ran (SmolLM2 scores 0 on every Countdown prompt).
             # A generation with learning signal pays for one: time it with unit coefficients, once,
             # after the weights above are recorded, and count it in generations per hour.
-            t0 = time.perf_counter()
+            t0 = trainer.clock()
             trainer.perturb.apply_update(0, unit_plan(cfg.es, cfg.es.population), trainer.opt, cfg.es.alpha)
-            res["update_forced_s"] = float(comm.allgather_floats(np.array([time.perf_counter() - t0]))[:, 0].max())
+            res["update_forced_s"] = float(comm.allgather_floats(np.array([trainer.clock() - t0]))[:, 0].max())
         trainer.out.close()
         if baseline == "paper":
             paper = [paper_generation(straight, trainer.tok, trainer.task, cfg, comm, g, _batch_texts(trainer, g)[0])
@@ -278,7 +299,10 @@ def run_bench(cfg, comm: Comm, generations: int = 1, compare_ranks: bool = False
             ours = total_b + res.get("update_forced_s", 0.0)
             res["gens_per_hour"] = 3600 / ours
             res["gens_per_hour_over_paper"] = res["paper"]["s_per_gen"] / ours
-        if compare_ranks and comm.size > 1:
+        second = _second_trainer_fits(trainer) if compare_ranks and comm.size > 1 else ""
+        if second:
+            res["compare_ranks_skipped"] = second
+        elif compare_ranks and comm.size > 1:
             if comm.is_root:
                 one = Trainer(cfg, serial(), Path(tmp) / "run1")
                 one.begin()
@@ -293,6 +317,10 @@ def run_bench(cfg, comm: Comm, generations: int = 1, compare_ranks: bool = False
             comm.barrier()
         if update_populations:
             res["update_s_by_population"] = update_scaling(trainer, comm, update_populations)
+        if torch.device(trainer.device).type == "cuda":
+            res["gpu_peak_bytes_bench"] = float(comm.allgather_floats(
+                np.array([torch.cuda.max_memory_allocated(trainer.device)]))[:, 0].max())
+            res["gpu_card_bytes"] = torch.cuda.get_device_properties(torch.device(trainer.device)).total_memory
         return res
     finally:
         comm.barrier()
@@ -325,6 +353,11 @@ def format_table(res: dict) -> str:
     if "gpu_peak_bytes_es" in res:
         rows += [("GPU peak inference / ES", f"{res['gpu_peak_bytes_inference'] / gib:.2f} / "
                                              f"{res['gpu_peak_bytes_es'] / gib:.2f} GiB")]
+    if "gpu_peak_bytes_bench" in res:
+        rows += [("GPU peak, whole bench / card", f"{res['gpu_peak_bytes_bench'] / gib:.2f} / "
+                                                  f"{res['gpu_card_bytes'] / gib:.2f} GiB")]
+    if "compare_ranks_skipped" in res:
+        rows += [("1-rank comparison", f"skipped: {res['compare_ranks_skipped']}")]
     rows += [("noise normals/s", f"{n['normals_per_s'] / 1e6:.1f} M/s"),
              ("copy bandwidth", f"{n['copy_bytes_per_s'] / 1e9:.2f} GB/s"),
              ("noise bytes / copy bandwidth", f"{n['noise_bytes_over_copy_bandwidth']:.3f}"),

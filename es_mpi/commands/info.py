@@ -10,6 +10,7 @@ import numpy as np
 
 from ..runs import checkpoint
 from .. import config as config_mod
+from ..engine.noise_id import fingerprint_of, fingerprint_short
 from ..runs.runlog import TIMINGS, read_run
 
 
@@ -62,6 +63,8 @@ def info_lines(run_dir: str | Path) -> list[str]:
         f"model        {cfg.model.path} ({int(attrs.get('n_params', 0)):,} parameters, working dtype "
         f"{cfg.model.dtype})",
         f"task         {cfg.task.name}",
+        f"noise        {attrs.get('noise_scheme', 'blake2b-tensor')}, drawn as "
+        f"{fingerprint_short(fingerprint_of(attrs))}",
         f"world size   {s['world_size']} rank(s) x {int(attrs.get('threads_per_rank', 0))} thread(s) "
         f"on {attrs.get('hosts', '?')}",
         "config       " + ("differs from defaults in " + ", ".join(f"{k}={flat[k]!r}" for k in changed)

@@ -21,6 +21,7 @@ import time
 import numpy as np
 import torch
 
+from ..clock import Clock
 from ..decode import format_prompts, greedy_config
 from ..engine.noise import derive_seed
 from ..scoring import OK, score_one
@@ -48,25 +49,26 @@ def paper_generation(model, tok, task, cfg, comm, generation: int, batch: list) 
     gcfg = greedy_config(model, tok, cfg.generation.max_new_tokens)
     width = enc["input_ids"].shape[1]
     rewards = np.full(es.population, np.nan)
-    t0 = time.perf_counter()
+    clock = Clock(enc["input_ids"].device)
+    t0 = clock()
     t_noise = t_decode = 0.0
     for m in members:
         seed = _seed(es.seed, generation, m)
-        a = time.perf_counter()
+        a = clock()
         _perturb(model, seed, es.sigma)
-        b = time.perf_counter()
+        b = clock()
         out = model.generate(**enc, generation_config=gcfg)
-        c = time.perf_counter()
+        c = clock()
         comps = tok.batch_decode(out[:, width:], skip_special_tokens=True)
         scored = [score_one(task, e, text, cfg.task.reward_timeout) for e, text in zip(batch, comps)]
         rewards[m] = np.mean([s.reward for s in scored]) if all(s.status == OK for s in scored) else 0.0
-        d = time.perf_counter()
+        d = clock()
         _perturb(model, seed, -es.sigma)
-        t_noise += (b - a) + (time.perf_counter() - d)
+        t_noise += (b - a) + (clock() - d)
         t_decode += c - b
     r = np.nanmax(comm.allgather_floats(rewards), axis=0)  # each member's reward is on one rank
     z = (r - r.mean()) / (r.std() + 1e-8)
-    a = time.perf_counter()
+    a = clock()
     for p in model.parameters():
         update = torch.zeros_like(p)
         g = torch.Generator(device=p.device)
@@ -74,6 +76,6 @@ def paper_generation(model, tok, task, cfg, comm, generation: int, batch: list) 
             g.manual_seed(_seed(es.seed, generation, m))
             update.add_(torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype), alpha=float(z[m]))
         p.data.add_(update, alpha=es.alpha / es.population)
-    t_update = time.perf_counter() - a
-    total = float(comm.allgather_floats(np.array([time.perf_counter() - t0]))[:, 0].max())
+    t_update = clock() - a
+    total = float(comm.allgather_floats(np.array([clock() - t0]))[:, 0].max())
     return {"s_per_gen": total, "t_noise": t_noise, "t_decode": t_decode, "t_update": t_update}

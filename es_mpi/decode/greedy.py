@@ -37,6 +37,7 @@ from typing import Sequence
 import torch
 
 from .attention import decode_attention_for
+from .compat import CACHE_KW
 from .cache import row_cache, select_rows, step_span, whole_span, zero_padding
 from .stops import StopMatcher, cut_at_stop
 
@@ -137,11 +138,11 @@ def decode_batch(model, tokenizer, texts: Sequence[str], max_new_tokens: int, st
             rows.set(first)
             k = first.numel()
             prefix = torch.tensor(ids[0][:lp], dtype=torch.long, device=device).expand(k, lp)
-            model(input_ids=prefix, position_ids=torch.arange(lp, device=device).expand(k, lp), cache=cache,
+            model(input_ids=prefix, position_ids=torch.arange(lp, device=device).expand(k, lp), **{CACHE_KW: cache},
                   use_cache=True, logits_to_keep=1)
             select_rows(cache, of_row)
         rows.set(torch.arange(b, device=device))
-        out = model(input_ids=suffix, attention_mask=mask[:, :width], position_ids=suffix_pos, cache=cache,
+        out = model(input_ids=suffix, attention_mask=mask[:, :width], position_ids=suffix_pos, **{CACHE_KW: cache},
                     use_cache=True, logits_to_keep=1)
         zero_padding(cache, mask[:, :width])
         whole_span(cache)
@@ -179,7 +180,7 @@ def decode_batch(model, tokenizer, texts: Sequence[str], max_new_tokens: int, st
             cur = width + step                    # cache positions once this step's token is in
             mask[:live, cur - 1] = True
             out = model(input_ids=nxt[:, None], attention_mask=mask4[:live, :, :, :step_span(cache, cur)],
-                        position_ids=next_pos[:, None], cache=cache, use_cache=True)
+                        position_ids=next_pos[:, None], **{CACHE_KW: cache}, use_cache=True)
             nxt = _argmax(out.logits, banned)
             next_pos = next_pos + 1
             row_steps += live

@@ -14,11 +14,16 @@ draws a different but equally fixed stream).
 from __future__ import annotations
 
 import hashlib
+import platform
 import struct
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+# the fingerprint's records and comparisons, torch-free for `es-mpi info`
+from .noise_id import (FINGERPRINT_ATTR, fingerprint_of, fingerprint_short, fingerprint_text,  # noqa: F401
+                       ranks_disagree, same_noise)
 
 _MASK63 = (1 << 63) - 1
 
@@ -85,6 +90,7 @@ class NoiseSource:
         self.run_seed = int(run_seed)
         self.device = torch.device(device)
         self._gen = torch.Generator(device=self.device)
+        self._fingerprint: dict | None = None
 
     def seed_for(self, generation: int, index: int, tensor: int, block: int) -> int:
         return derive_seed(self.run_seed, generation, index, tensor, block)
@@ -109,6 +115,37 @@ class NoiseSource:
         for b, s, e in blocks(flat.numel()):
             self.block(generation, index, tensor, b, flat[s:e])
         return out
+
+    def fingerprint(self) -> dict:
+        """What this device draws (see `fingerprint`), computed once."""
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self._gen, self.device)
+        return self._fingerprint
+
+
+# -- noise identity (see noise_id) ---------------------------------------------
+# The fingerprint's key: fixed, independent of the run seed (a run resumed with another seed under
+# --force still compares like with like); a whole BLOCK, the size the engine
+# draws, so that the grid is the one the SM count decides.
+_FINGERPRINT_SEED = derive_seed(0, domain="fingerprint")
+
+
+def fingerprint(gen: torch.Generator, device: str | torch.device) -> dict:
+    """{"block_sha256": SHA-256 of one BLOCK of N(0, 1) float32 drawn with `gen`
+    for a fixed seed, "device": the device's name, "sm": its SM count ("cpu" on
+    the CPU), "torch": the torch version}.  Costs one block draw (16 MB of
+    scratch, ~50 ms on a CPU core) and, on CUDA, one 16 MB copy to the host."""
+    device = torch.device(device)
+    out = torch.empty(BLOCK, dtype=torch.float32, device=device)
+    gen.manual_seed(_FINGERPRINT_SEED)
+    out.normal_(generator=gen)
+    digest = hashlib.sha256(out.cpu().numpy()).hexdigest()
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        name, sm = props.name, int(props.multi_processor_count)
+    else:
+        name, sm = f"{device.type} {platform.machine()}".strip(), device.type
+    return {"block_sha256": digest, "device": name, "sm": sm, "torch": torch.__version__}
 
 
 def prompt_batch(run_seed: int, generation: int, n_available: int, batch: int) -> np.ndarray:

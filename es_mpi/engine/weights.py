@@ -17,7 +17,7 @@ import torch
 
 from ..errors import RunAborted
 from .es import UpdatePlan
-from ..model import weights_digest
+from ..model import weights_digest, weights_fingerprint
 from .noise import BLOCK, MemberNoise, NoiseSource, blocks
 from .optim import SGD
 
@@ -53,8 +53,9 @@ class Weights:
         self._eps = torch.empty(scratch, dtype=torch.float32, device=self.device)
         self._tmp = torch.empty(scratch, dtype=torch.float32, device=self.device)
         self.n_params = sum(t.numel() for t in self.master)
-        # digest cache: hashing the master costs ~1 s per 500 MB and the end of a
-        # run asks for it three times (agreement, checkpoint, final line)
+        # digest cache: hashing the master costs ~1 s per 500 MB (plus, on a GPU,
+        # a host copy of it) and rank 0 asks for it twice at the end of a run
+        # (checkpoint, final line); the cross-rank check uses fingerprint()
         self.version = 0
         self._digest: tuple[int, str] | None = None
         if any(not torch.equal(w, m.to(w.dtype)) for w, m in zip(self.working, self.master)):
@@ -112,13 +113,22 @@ class Weights:
         everywhere.  `sources[i]` (default: full-rank noise for every tensor)
         yields tensor i's (start, stop, accumulated sum) blocks, or is None for
         a frozen tensor.  Returns the update's L2 norm.  A non-finite result is
-        refused before it is written to that block; the run must then stop
-        (earlier blocks may already hold the step)."""
+        refused: from the first non-finite block on, nothing more is written
+        (earlier blocks may already hold the step), and the run must stop.
+
+        No host sync per block: the finite flag and the squared norm stay on
+        the device (a 7B update has ~1,800 blocks; two syncs each stalled the
+        GPU 3,600 times), and are read once at the end.  A block is written as
+        `where(all blocks so far finite, step, 0)`: one more pass over the
+        block, which costs far less than its K normal draws."""
         if plan.empty:
             return 0.0
         opt.begin()
         coeffs = [float(c) for c in plan.coeffs_K]
-        sq = 0.0
+        dev = self.device
+        sq = torch.zeros((), dtype=torch.float64, device=dev)
+        ok = torch.ones((), dtype=torch.bool, device=dev)              # every block so far finite
+        ok_i = torch.ones(len(self.master), dtype=torch.bool, device=dev)  # per tensor, for the message
         self.version += 1
         for i, m in enumerate(self.master):
             source = self.full_blocks if sources is None else sources[i]
@@ -127,21 +137,36 @@ class Weights:
             mf = m.view(-1)
             for s, e, acc in source(noise, generation, i, coeffs):
                 delta = opt.step_tensor(i, mf[s:e], acc, plan.scale, plan.grad_scale, alpha, part=slice(s, e))
-                if not bool(torch.isfinite(delta).all()):
-                    raise RunAborted(f"generation {generation}: non-finite update in tensor {self.names[i]}; "
-                                     "refused (the last checkpoint is intact)")
-                sq += float(torch.linalg.vector_norm(delta)) ** 2
-                mf[s:e].add_(delta)
+                fin = torch.isfinite(delta).all()
+                ok_i[i] &= fin
+                ok &= fin
+                sq += torch.linalg.vector_norm(delta).double().square()
+                mf[s:e].add_(torch.where(ok, delta, 0.0))
+        host = torch.cat([sq.view(1), ok_i.double()]).cpu()            # the update's one host sync
+        flags = host[1:] > 0
+        if not bool(flags.all()):
+            bad = self.names[int(torch.nonzero(~flags)[0, 0])]
+            self.restore()
+            raise RunAborted(f"generation {generation}: non-finite update in tensor {bad}; "
+                             "refused (the last checkpoint is intact)")
         self.restore()
-        return sq ** 0.5
+        return float(host[0]) ** 0.5
 
     # -- identity ----------------------------------------------------------
     def digest(self) -> str:
-        """SHA-256 of the master (see model.weights_digest); callers that change
-        the master outside apply_update/load_state_dict must bump `version`."""
+        """SHA-256 of the master (see model.weights_digest), for what is written
+        down (checkpoints, the `final-digest:` line): rank 0's business, since
+        it copies the whole master to the host.  Callers that change the master
+        outside apply_update/load_state_dict must bump `version`."""
         if self._digest is None or self._digest[0] != self.version:
             self._digest = (self.version, weights_digest(self.master))
         return self._digest[1]
+
+    def fingerprint(self) -> int:
+        """The exact integer fingerprint of the master computed on its device
+        (model.weights_fingerprint), for the cross-rank agreement check.  Not
+        cached: the check is there to catch a master that changed unnoticed."""
+        return weights_fingerprint(self.master)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return {n: m.cpu().numpy() for n, m in zip(self.names, self.master)}

@@ -5,7 +5,9 @@ Contents (schema 1):
   /optimizer/<key>    optimizer state (t, m/<name>, v/<name> for Adam)
   attrs: kind, schema_version, es_mpi_version, noise_scheme (noise.scheme_for of its config),
          generation (generations done), seed, config (YAML), digest (SHA-256 of
-         the weights, see model.weights_digest), base_model, names (parameter order)
+         the weights, see model.weights_digest), base_model, names (parameter order),
+         noise_fingerprint (JSON, noise.fingerprint: what the writer's device draws;
+         absent before es-mpi recorded it)
 
 Written as a temporary file in the same folder, fsynced, then renamed, then the
 folder fsynced: a checkpoint file either is complete or does not exist under

@@ -152,8 +152,13 @@ class RunOutput:
         self._append("eval", row)
 
     def checkpoint(self, generation: int, weights, optimizer, attrs, keep: int) -> Path | None:
+        """Write a checkpoint (rank 0).  `weights`, `optimizer` and `attrs` may
+        be callables that build them: they are then called on rank 0 only, so
+        no other rank copies the master (4 bytes per parameter) or the
+        optimiser's state (8 more with Adam) to the host, or hashes it."""
         if not self.root:
             return None
+        weights, optimizer, attrs = (x() if callable(x) else x for x in (weights, optimizer, attrs))
         path = checkpoint.save(self.run_dir, generation, weights, optimizer, attrs)
         try:
             checkpoint.prune(self.run_dir, keep)

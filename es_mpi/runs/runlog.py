@@ -18,7 +18,9 @@ Layout (schema 1), G generations so far, N members, B prompts per generation:
   /eval/generation, mean_reward, accuracy, ci95, n_prompts   (E,) periodic held-out evaluation
 
 Attributes on /: schema_version, es_mpi_version, config (YAML text), noise_scheme
-(noise.scheme_for of its config; absent in es-mpi 0.1 logs), base_model, base_model_digest,
+(noise.scheme_for of its config; absent in es-mpi 0.1 logs), noise_fingerprint (JSON,
+noise.fingerprint: what the ranks' device draws for a fixed key; absent in older logs;
+a resumed run records its own segment's), base_model, base_model_digest,
 world_size, start_time, hosts, population, prompts_per_generation.
 
 Written in SWMR mode and flushed every generation, so a crash loses at most the

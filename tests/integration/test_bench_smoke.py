@@ -12,26 +12,31 @@ from conftest import ROOT, run_env
 def test_gpu_check_script_and_scale_model_on_tiny_shape(tmp_path, cache_dir):
     out = tmp_path / "gc"
     env = run_env(ES_MPI_CACHE=str(cache_dir), SHAPES="qwen2.5-tiny", PROMPTS="4", TOKENS="8",
-                  PYTHON=sys.executable)
+                  PREFLIGHT_SHAPE="qwen2.5-tiny", BACKENDS="hf", PYTHON=sys.executable)
     p = subprocess.run(["bash", "tools/gpu_check.sh", str(out)], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     for noise in ("full", "lowrank"):
-        check_bench_json(json.loads((out / f"qwen2.5-tiny-{noise}.json").read_text()), noise)
+        check_bench_json(json.loads((out / f"qwen2.5-tiny-{noise}-hf.json").read_text()), noise)
+    pre = json.loads((out / "preflight.json").read_text())
+    assert pre["transformers_supported"] and pre["decode_two_rows"] == "ok" and not pre["failures"]
+    assert "preflight torch:" in p.stdout and "preflight transformers:" in p.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["runs"]) == {"qwen2.5-tiny-full-hf", "qwen2.5-tiny-lowrank-hf"}
     assert "ES efficiency" in p.stdout and "Allgather alone" in p.stdout and "qwen2.5-tiny" in p.stdout
     # the script ends with the scale model over both kinds
     assert (out / "scale_model.png").stat().st_size > 10_000
     table = (out / "scale_model.txt").read_text()
     assert all(f"{n} {m}" in " ".join(table.split()) for n in ("full", "lowrank") for m in ("0.5B", "7B"))
     png = tmp_path / "scale.png"
-    s = subprocess.run([sys.executable, "tools/scale_model.py", str(out / "qwen2.5-tiny-full.json"), "--out", str(png)],
+    s = subprocess.run([sys.executable, "tools/scale_model.py", str(out / "qwen2.5-tiny-full-hf.json"), "--out", str(png)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert s.returncode == 0, s.stderr
     assert png.stat().st_size > 10_000 and "7B" in s.stdout and "lowrank" not in s.stdout
     bad = subprocess.run([sys.executable, "tools/scale_model.py", str(tmp_path / "nope.json")], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "nope.json" in bad.stderr
-    twice = subprocess.run([sys.executable, "tools/scale_model.py", *[str(out / "qwen2.5-tiny-full.json")] * 2],
+    twice = subprocess.run([sys.executable, "tools/scale_model.py", *[str(out / "qwen2.5-tiny-full-hf.json")] * 2],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert twice.returncode == 2 and "one bench JSON per noise kind" in twice.stderr
 

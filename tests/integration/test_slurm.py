@@ -5,6 +5,7 @@ resume, and end with the plain run's final digest.  Skipped where there is no
 Slurm.  Two jobs of two CPU ranks each, about a minute and a half in all."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -39,7 +40,18 @@ def _slurm_missing() -> str | None:
 
 
 _why = _slurm_missing()
-pytestmark = pytest.mark.skipif(_why is not None, reason=_why or "")
+# Where Slurm must be there (CI, or ES_MPI_REQUIRE_SLURM=1) a missing Slurm is a
+# failure, not a skip: a green CI must mean the Slurm tests ran.
+_required = os.environ.get("CI", "").lower() == "true" or os.environ.get("ES_MPI_REQUIRE_SLURM") == "1"
+if _why is not None and _required:
+    pytestmark = pytest.mark.usefixtures("_slurm_required")
+else:
+    pytestmark = pytest.mark.skipif(_why is not None, reason=_why or "")
+
+
+@pytest.fixture
+def _slurm_required():
+    pytest.fail(f"Slurm is required here (CI=true or ES_MPI_REQUIRE_SLURM=1) but {_why}", pytrace=False)
 
 
 def submit(tmp_path: Path, run_dir: Path, cache_dir: Path) -> tuple[str, Path]:

@@ -92,3 +92,20 @@ def test_exception_on_one_rank_ends_the_job(tmp_path, cache_dir):
     assert p.returncode != 0
     assert time.monotonic() - t0 < 30
     assert "injected fault on rank 1" in p.stderr
+
+
+def test_bf16_with_adam_is_bit_identical_on_1_and_3_ranks(tmp_path, cache_dir, monkeypatch):
+    """The working dtype bf16 (rounding in every matmul) and Adam's fp32
+    moments: still the same weights whatever the rank count."""
+    extra = ["--set", "model.dtype=bf16", "--set", "es.optimizer=adam", "--set", "es.alpha=0.001"]
+    monkeypatch.setenv("ES_MPI_CACHE", str(cache_dir))
+    code, out, err = cli_train(*SMALL, *extra, "--run-dir", str(tmp_path / "one"))
+    assert code == 0, err
+    p = run(mpiexec_cmd(3, "train", *SMALL, *extra, "--run-dir", str(tmp_path / "three")), timeout=240,
+            ES_MPI_CACHE=str(cache_dir))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "dtype bf16" in out
+    assert final_digest(p.stdout) == final_digest(out)
+    logs = read_log(tmp_path / "one" / "log.h5"), read_log(tmp_path / "three" / "log.h5")
+    assert np.array_equal(logs[0]["gen"]["rewards"], logs[1]["gen"]["rewards"])
+    assert logs[0]["gen"]["update_norm"][-1] > 0

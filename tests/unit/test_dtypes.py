@@ -35,3 +35,9 @@ def test_gpu_and_explicit_choices(monkeypatch):
 def test_the_probe_really_times_both(monkeypatch):
     assert dtypes.probe_seconds(torch.float32, rows=4, dim=64, reps=2) > 0
     assert dtypes.probe_seconds(torch.bfloat16, rows=4, dim=64, reps=2) > 0
+
+
+def test_emulated_bf16_on_an_old_gpu_picks_fp16(monkeypatch):
+    """A V100 / T4 'supports' bf16 only by emulation: auto must not count it."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert dtypes.choose("auto", "cuda:0")[0] == "fp16"

@@ -115,3 +115,23 @@ def test_digest_streams_without_copying_and_equals_whole_tensor_hash():
     for t in ts:
         h.update(t.numpy().tobytes())
     assert weights_digest(ts) == weights_digest(ts, chunk=7) == h.hexdigest()
+
+
+def test_update_reads_the_device_once_whatever_the_block_count(monkeypatch):
+    """Issue 16 item 10: the finite flag and the squared norm stay on the
+    device; the update copies to host once, not twice per noise block."""
+    import es_mpi.engine.weights as wmod
+    monkeypatch.setattr(wmod, "blocks", lambda n, size=100: [(b, s, min(n, s + size))
+                                                             for b, s in enumerate(range(0, n, size))])
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    w = Weights(model)
+    assert sum(len(b) for b in w._blocks) > 80
+    plan = plan_update(np.array([1.0, -0.5, 0.25, 2.0]), np.ones(4, bool), False, alpha=0.1, sigma=0.01, step="paper")
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
+        orig = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=orig, _n=name, **k: reads.append(_n) or _o(self, *a, **k))
+    norm = w.apply_update(NoiseSource(1), 0, plan, SGD(w.names), 0.1)
+    monkeypatch.undo()
+    assert norm > 0
+    assert reads.count("cpu") == 1 and len(reads) <= 4, reads

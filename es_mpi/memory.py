@@ -1,0 +1,66 @@
+"""What a rank holds on its device, in bytes, and where Adam's moments go.
+
+Per rank, full-rank noise, P parameters, working dtype of w bytes:
+
+    fp32 master            4 P      (the truth; every member is cast(master + sigma eps))
+    working weights        w P      (the model that decodes; 2 P in bf16)
+    noise scratch          2 x 16 MB (two fp32 blocks of noise.BLOCK elements)
+    Adam moments m, v      8 P      (only with es.optimizer: adam)
+    KV cache, activations  the rest
+
+Qwen2.5-7B (7.62 G parameters) in bf16: 30.5 + 15.2 = 45.7 GB with SGD, which
+leaves ~30 GB of an 80 GB card for the KV cache; Adam's 61 GB does not fit
+beside them, so `es.adam_state: auto` keeps the moments in pinned host memory
+there and streams them block by block through the update (2 x 8 P bytes over
+PCIe per generation: ~5 s at 7B on PCIe 4, against minutes of decoding).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GB = 1e9
+# Share of the card the resident tensors may take: the rest is the KV cache,
+# activations and the CUDA context (~1 GB) of the decoder.
+RESIDENT_SHARE = 0.75
+
+
+@dataclass(frozen=True)
+class Budget:
+    n_params: int
+    working_bytes: int      # bytes per working parameter (2 for bf16/fp16, 4 for fp32)
+    adam: bool
+
+    @property
+    def master(self) -> int:
+        return 4 * self.n_params
+
+    @property
+    def working(self) -> int:
+        return self.working_bytes * self.n_params
+
+    @property
+    def moments(self) -> int:
+        return 8 * self.n_params if self.adam else 0
+
+    def text(self) -> str:
+        parts = [f"master {self.master / GB:.1f} GB", f"working {self.working / GB:.1f} GB"]
+        if self.adam:
+            parts.append(f"Adam moments {self.moments / GB:.1f} GB")
+        return " + ".join(parts)
+
+
+def adam_state_device(pref: str, device: str, budget: Budget, card_bytes: int | None) -> tuple[str, str]:
+    """(where Adam's moments live: the device string or "cpu", why) for
+    es.adam_state `pref`.  Raises ValueError when `device` is asked for and
+    the moments cannot fit beside the weights, with the arithmetic."""
+    if not device.startswith("cuda") or card_bytes is None:
+        return device, "same memory as the weights"
+    resident = budget.master + budget.working + budget.moments
+    limit = RESIDENT_SHARE * card_bytes
+    fits = resident <= limit
+    arith = f"{budget.text()} = {resident / GB:.1f} GB vs {RESIDENT_SHARE:.0%} of {card_bytes / GB:.0f} GB"
+    if pref == "host" or (pref == "auto" and not fits):
+        return "cpu", f"pinned host memory ({arith})"
+    if pref == "device" and not fits:
+        raise ValueError(f"es.adam_state: device does not fit: {arith}; use adam_state: host or auto")
+    return device, f"on the device ({arith})"
