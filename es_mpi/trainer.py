@@ -254,7 +254,8 @@ class Trainer:
             t1 = self.clock()
             prompts = [grid.prompt_of(r) for r in rows]
             comps = decode_batch(self.model, self.tok, [texts[p] for p in prompts],
-                                 self.cfg.generation.max_new_tokens, self.task.stop_strings, rows=listener)
+                                 self.cfg.generation.max_new_tokens, self.task.stop_strings, rows=listener,
+                                 tile=f"of grid rows {tile.start}-{tile.stop - 1}, generation {gen}")
             t2 = self.clock()
             for r, p, c in zip(rows, prompts, comps):
                 sc = score_one(self.task, batch[p], c.text, self.cfg.task.reward_timeout)

@@ -282,7 +282,7 @@ def run_bench(cfg, comm: Comm, generations: int = 1, compare_ranks: bool = False
         res["peak_rss_es_bytes"] = peaks[:, 1].tolist()
         res["master_bytes"] = master_bytes
         res["peak_es_over_inference_plus_master"] = float(np.max(peaks[:, 1] / peaks[:, 0]))
-        digest_r = trainer.weights.digest()
+        digest_r = trainer.weights.digest() if comm.is_root else None   # SHA-256 on the comparing rank only
         if not any(updates_ran):
             # Every shaped score was 0, so no update ran (SmolLM2 scores 0 on every Countdown prompt).
             # A generation with learning signal pays for one: time it with unit coefficients, once,

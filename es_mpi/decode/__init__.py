@@ -3,7 +3,7 @@
 The same decoder serves training, `es-mpi eval` and the bench, so what is
 scored is what is evaluated.  Layers: `prompts` (chat formatting), `stops`
 (EOS / stop strings), `cache` (the preallocated KV cache rows can leave),
-`attention` (CPU attention kernel), `greedy` (the loop).
+`attention` (grouped-query attention kernel), `greedy` (the loop).
 """
 from __future__ import annotations
 

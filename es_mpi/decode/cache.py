@@ -15,11 +15,19 @@ strided view (0.24 vs 0.63-0.92 ms per layer here).  Cost: on average CHUNK/2
 masked positions per step.  Before that (the prefill, a one-token prompt
 included) a forward gets the filled part only, as HF's mask for it expects.
 
-`select(index)` keeps the rows `index` (in that order): the decoder calls it
-when rows finish, so finished rows stop costing attention and matmul work.
-Rows that keep their slot are not copied; only rows moved into a freed slot
-are (the decoder moves the last live rows into the holes), so a finished row
-costs one row's cache copy, not the whole batch's.
+`select(src, dst)` moves rows: the decoder calls it when rows finish, so
+finished rows stop costing attention and matmul work.  Rows that keep their
+slot are not copied; only rows moved into a freed slot are (the decoder moves
+the last live rows into the holes), so a finished row costs one row's cache
+copy, not the whole batch's.  The indices come built by the host, one pair
+for all layers: select reads nothing back from the device.
+
+Pad positions of the prompt hold whatever the prefill computed there: finite
+(greedy.py's prefill mask lets a pad query see itself) and masked by every
+later step, where a masked weight is exactly 0.  They used to be zeroed after
+the prefill because a fully masked pad query could leave NaN there (0 * NaN
+is NaN); with no fully masked query that pass is gone, and a NaN from
+anywhere else reaches the logits, which the decoder checks.
 """
 from __future__ import annotations
 
@@ -84,19 +92,18 @@ class RowLayer(DynamicLayer):
     def get_max_length(self) -> int:
         return self.max_len
 
-    def select(self, index: torch.Tensor, moved: torch.Tensor | None = None) -> None:
-        """Row j becomes old row index[j]; `moved` (bool per new row) marks the
-        rows whose slot changes (None: all of them)."""
+    def select(self, src: torch.Tensor, dst: torch.Tensor | None = None) -> None:
+        """Row dst[j] becomes old row src[j] (dst None: row j becomes old row
+        src[j], for every j < len(src)).  Long index tensors on the cache's
+        device; no host sync."""
         if not self.is_initialized or self.length == 0:
             return
-        if moved is None:
-            dst = torch.arange(index.numel(), device=index.device)
-            src = index
+        t = self.length
+        if dst is None:
+            n = src.numel()
+            self.keys[:n, :, :t] = self.keys[src, :, :t]
+            self.values[:n, :, :t] = self.values[src, :, :t]
         else:
-            dst = torch.nonzero(moved).flatten()
-            src = index[dst]
-        if dst.numel():
-            t = self.length
             self.keys[dst, :, :t] = self.keys[src, :, :t]
             self.values[dst, :, :t] = self.values[src, :, :t]
 
@@ -120,18 +127,7 @@ def step_span(cache: Cache, need: int) -> int:
     return cache.layers[0].span(need)
 
 
-def zero_padding(cache: Cache, real: torch.Tensor) -> None:
-    """Zero the keys/values at positions where `real` (rows, positions) is False.
-    A left-pad query sees no key in the prefill, so SDPA leaves NaN there; the
-    decode steps mask those positions, but a masked weight of 0 times a NaN
-    value is still NaN in p v.  Once per batch, after the prefill."""
-    pad = ~real[:, None, :, None]
+def select_rows(cache: Cache, src: torch.Tensor, dst: torch.Tensor | None = None) -> None:
+    """RowLayer.select on every layer, with the same index tensors."""
     for layer in cache.layers:
-        t = real.shape[1]
-        layer.keys[:, :, :t].masked_fill_(pad, 0)
-        layer.values[:, :, :t].masked_fill_(pad, 0)
-
-
-def select_rows(cache: Cache, index: torch.Tensor, moved: torch.Tensor | None = None) -> None:
-    for layer in cache.layers:
-        layer.select(index, moved)
+        layer.select(src, dst)

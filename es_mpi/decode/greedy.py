@@ -13,13 +13,30 @@ model's own forward, our loop around it.
   template conciseness question with SmolLM2).
 * **Rows leave.**  A row that emits EOS or completes a stop string leaves the
   batch and its KV cache (cache.RowLayer.select), so a batch costs the sum of
-  its completions' lengths, not rows x the longest.
+  its completions' lengths, not rows x the longest.  The host knows who
+  finished, so it builds the row indices once and sends them in one
+  non-blocking copy that every layer shares: a compaction reads nothing back
+  from the device (it used to cost 3 + L syncs, one `nonzero` per layer).
 * **No per-step growth.**  The cache and the attention mask are allocated
   once; each step writes one position in place.  The step's only host sync
   is the one that reads the new tokens to decide who finished.
-* **Attention.**  On CPU, single-token steps use decode.attention (two
-  batched matmuls over the contiguous cache: 4x faster than torch's CPU SDPA
-  kernel here); the prefill, and every forward on GPU, use the model's own.
+* **Attention.**  decode.attention on every device: grouped-query attention
+  without copying K/V to every query head (see there).
+* **Finite logits, loudly.**  A left-padded row's pad positions see no key
+  of their own prompt; where the prefix is short they would see none at all,
+  and CUDA's SDPA kernels can return NaN for such a fully masked query.  The
+  NaN reaches the pad keys/values of the next layer and, through 0 * NaN,
+  the real rows: argmax then picks garbage while rewards stay finite.  So the
+  prefill's mask lets every pad query see itself (no row is fully masked; a
+  real query never sees a pad key, so its numbers are unchanged), and every
+  greedy choice checks its logit: NaN anywhere in a row is that row's argmax,
+  so a non-finite chosen logit flags it, marked as token -1 in the step's
+  one host read, and the batch raises RunAborted naming the tile.  Cost:
+  three (rows,)-sized ops per step, no extra sync.
+* **The cache is ours, checked.**  A transformers release that ignores the
+  cache keyword (compat.py) would leave our cache empty and decode from its
+  own: after the prefill the cache must hold the whole prompt width (one int
+  comparison), else the batch stops with the version and the tested range.
 
 What the forward computes for a row depends only on the rows of its batch,
 never on other batches, so a tile decodes to the same tokens on any rank.
@@ -36,9 +53,11 @@ from typing import Sequence
 
 import torch
 
+from ..errors import RunAborted
+from . import compat
 from .attention import decode_attention_for
 from .compat import CACHE_KW
-from .cache import row_cache, select_rows, step_span, whole_span, zero_padding
+from .cache import row_cache, select_rows, step_span, whole_span
 from .stops import StopMatcher, cut_at_stop
 
 # A common prefix shorter than this is not worth a separate forward.
@@ -82,12 +101,13 @@ class _Rows:
 @torch.no_grad()
 def decode_batch(model, tokenizer, texts: Sequence[str], max_new_tokens: int, stop_strings: Sequence[str] = (),
                  rows=None, leave: bool = True, share_prefix: bool = True, ignore_eos: bool = False,
-                 stats: dict | None = None) -> list[Completion]:
+                 stats: dict | None = None, tile: str | None = None) -> list[Completion]:
     """Greedy-decode `texts` (formatted prompts) as one batch.
     `leave=False` keeps finished rows computing (as HF generate does), and
     `ignore_eos=True` decodes every row to max_new_tokens: both for measuring.
     `stats`, if given, gets "row_steps" (rows x decode steps computed, the
-    prefill's first token included) and "shared_prefix" (tokens) added."""
+    prefill's first token included) and "shared_prefix" (tokens) added.
+    `tile` labels the batch in errors (RunAborted on non-finite logits)."""
     if not texts:
         return []
     device = next(model.parameters()).device
@@ -116,7 +136,11 @@ def decode_batch(model, tokenizer, texts: Sequence[str], max_new_tokens: int, st
     suffix_pos = pos[:, lp:].clamp(min=0)
     next_pos = pos[:, -1] + 1                    # (b,) position of the first new token
     suffix, mask, suffix_pos, next_pos = (t.to(device) for t in (suffix, mask, suffix_pos, next_pos))
-
+    # the prefill's own mask, (b, 1, s, width): causal over the row's real positions, and every
+    # query sees itself, so a pad query is never fully masked (a real query sees itself anyway)
+    q_at = torch.arange(lp, width, device=device)[:, None]
+    k_at = torch.arange(width, device=device)[None, :]
+    mask_prefill = (mask[:, None, None, :width] & (k_at <= q_at)) | (k_at == q_at)
 
     cache = row_cache(model.config.num_hidden_layers, b, max_len)
     eos = eos_ids(model, tokenizer)
@@ -142,9 +166,10 @@ def decode_batch(model, tokenizer, texts: Sequence[str], max_new_tokens: int, st
                   use_cache=True, logits_to_keep=1)
             select_rows(cache, of_row)
         rows.set(torch.arange(b, device=device))
-        out = model(input_ids=suffix, attention_mask=mask[:, :width], position_ids=suffix_pos, **{CACHE_KW: cache},
+        out = model(input_ids=suffix, attention_mask=mask_prefill, position_ids=suffix_pos, **{CACHE_KW: cache},
                     use_cache=True, logits_to_keep=1)
-        zero_padding(cache, mask[:, :width])
+        del mask_prefill
+        _check_cache_holds(cache, width)
         whole_span(cache)
         nxt = _argmax(out.logits, banned)
         row_steps = b
@@ -152,6 +177,8 @@ def decode_batch(model, tokenizer, texts: Sequence[str], max_new_tokens: int, st
         active = [True] * b                       # leave=False: finished rows stay, inactive
         for step in range(1, max_new_tokens + 1):
             toks = nxt.tolist()                   # the step's one host sync
+            if min(toks) < 0:
+                _non_finite(tile, [slots[j] for j, t in enumerate(toks) if t < 0], step)
             done = []
             for j, r in enumerate(slots):
                 if active[j]:
@@ -164,13 +191,16 @@ def decode_batch(model, tokenizer, texts: Sequence[str], max_new_tokens: int, st
                 if len(done) == len(slots):
                     break
                 if done:
-                    keep, moved = _compact(len(slots), done, device)
-                    select_rows(cache, keep, moved)
-                    kept = keep.tolist()
-                    slots = [slots[j] for j in kept]
-                    nxt, next_pos = nxt[keep], next_pos[keep]
-                    mask[: len(kept)] = mask[keep]
-                    rows.set(torch.tensor(slots, dtype=torch.long, device=device))
+                    keep, dst, src = _compact(len(slots), done)
+                    slots = [slots[j] for j in keep]
+                    n, m = len(keep), len(dst)
+                    idx = _to_device(keep + dst + src + slots, device)   # one copy, no sync
+                    keep_t, slots_t = idx[:n], idx[n + 2 * m:]
+                    if m:
+                        select_rows(cache, idx[n + m:n + 2 * m], idx[n:n + m])
+                    nxt, next_pos = nxt[keep_t], next_pos[keep_t]
+                    mask[:n] = mask[keep_t]
+                    rows.set(slots_t)
             else:
                 for j in done:
                     active[j] = False
@@ -192,16 +222,36 @@ def decode_batch(model, tokenizer, texts: Sequence[str], max_new_tokens: int, st
 
 def _argmax(logits: torch.Tensor, banned: torch.Tensor | None) -> torch.Tensor:
     """Greedy choice from the last position, in fp32 as HF generate takes it
-    (ties go to the lowest id either way)."""
+    (ties go to the lowest id either way); -1 for a row whose chosen logit is
+    not finite (argmax picks a NaN wherever a row has one, so this catches NaN
+    anywhere in the row, and +inf or an all -inf row)."""
     x = logits[:, -1].float()
     if banned is not None:
         x[:, banned] = -torch.inf
-    return x.argmax(-1)
+    best = x.argmax(-1)
+    ok = x.gather(-1, best[:, None]).squeeze(-1).isfinite()
+    return best.where(ok, -1)
 
 
-def _compact(live: int, done: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slots to keep, in their new order: live rows stay in place and the last
-    live rows move into the holes, so only those are copied."""
+def _check_cache_holds(cache, width: int) -> None:
+    """After the prefill our cache must hold the prompt, `width` positions."""
+    got = cache.get_seq_length()
+    if got != width:
+        raise RunAborted(f"decode: the model did not fill the decoder's KV cache ({got} of {width} prompt "
+                         f"positions): transformers {compat.VERSION} ignored the '{CACHE_KW}' keyword; "
+                         f"es-mpi supports transformers {compat.range_text()}")
+
+
+def _non_finite(tile: str | None, rows: list[int], step: int) -> None:
+    where = f"tile {tile}" if tile is not None else "a decode batch"
+    raise RunAborted(f"decode: non-finite logits in {where} (batch rows {rows[:8]}, step {step}): "
+                     f"the model or its attention kernel returned NaN/inf")
+
+
+def _compact(live: int, done: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """(keep, dst, src): the slots to keep, in their new order, and the moves
+    that make it (slot dst[j] gets the row in slot src[j]).  Live rows stay in
+    place and the last live rows move into the holes, so only those are copied."""
     dead = set(done)
     n = live - len(dead)
     holes = [j for j in range(n) if j in dead]
@@ -209,9 +259,17 @@ def _compact(live: int, done: list[int], device) -> tuple[torch.Tensor, torch.Te
     keep = list(range(n))
     for h, m in zip(holes, movers):
         keep[h] = m
-    keep_t = torch.tensor(keep, dtype=torch.long, device=device)
-    moved = keep_t != torch.arange(n, device=device)
-    return keep_t, moved
+    return keep, holes, movers          # as many holes below n as live rows above it
+
+
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """A long tensor of `values` on `device`, copied without waiting for the
+    device: from pinned memory, non-blocking, on CUDA (a blocking copy from
+    pageable memory synchronises the stream, as a read back would)."""
+    t = torch.tensor(values, dtype=torch.long)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _completion(tokenizer, ids: list[int], stop_strings: Sequence[str]) -> Completion:

@@ -60,6 +60,17 @@ def max_lora_rank_for(rank: int) -> int:
                     "use a smaller es.rank or generation.backend: hf")
 
 
+def check_config(cfg) -> None:
+    """One-line errors for low-rank settings vLLM's LoRA cannot run (call when
+    the backend is vllm)."""
+    if cfg.es.noise != "lowrank":
+        return
+    if cfg.es.lowrank_scope != "layers":
+        raise UserError(f"es.lowrank_scope: {cfg.es.lowrank_scope} (embeddings, LM head, norms, biases) has no LoRA "
+                        "equivalent in vLLM; use es.lowrank_scope: layers, or generation.backend: hf")
+    max_lora_rank_for(cfg.es.rank)
+
+
 def engine_lora_args(rank: int, tile_members: int, rank_members: int) -> dict:
     """LLM(...) keyword arguments for an engine that decodes low-rank members:
     a tile's members (+ the zero adapter) fit the active slots, and every

@@ -9,7 +9,8 @@ the same whatever the rank count, and any block can be drawn on its own: the
 materialise and update passes need scratch of one block, not of the largest
 tensor (a 7B model's embedding is 545 M elements, 2.2 GB per fp32 buffer).
 Noise is float32 and bit-reproducible on a given device type (CPU here; CUDA
-draws a different but equally fixed stream).
+draws a different but equally fixed stream, which also depends on the GPU's SM
+count: runs record a noise fingerprint, see noise_id).
 """
 from __future__ import annotations
 
@@ -124,9 +125,10 @@ class NoiseSource:
 
 
 # -- noise identity (see noise_id) ---------------------------------------------
-# The fingerprint's key: fixed, independent of the run seed (a run resumed with another seed under
-# --force still compares like with like); a whole BLOCK, the size the engine
-# draws, so that the grid is the one the SM count decides.
+# The fingerprint's key: fixed, independent of the run seed (a run resumed
+# with another seed under --force still compares like with like); a whole
+# BLOCK, the size the engine draws, so that the grid is the one the SM count
+# decides.
 _FINGERPRINT_SEED = derive_seed(0, domain="fingerprint")
 
 

@@ -5,7 +5,6 @@ communicators for the cross-rank checks."""
 from __future__ import annotations
 
 import hashlib
-import json
 import platform
 
 import numpy as np
@@ -150,10 +149,13 @@ def test_equal_masters_give_equal_fingerprints():
     assert weights_fingerprint(ts) != weights_fingerprint(ts[::-1])   # order is part of it
 
 
+BITS = {0: "lowest mantissa bit", 1: "bit1", 22: "top mantissa bit", 23: "lowest exponent bit", 30: "bit30",
+        31: "sign bit"}
+
+
 @pytest.mark.parametrize("where", ["first element", "last element", "last element of the first tile",
                                    "a middle tensor", "the tail of a partial tile", "a 3-d tensor"])
-@pytest.mark.parametrize("bit", [0, 1, 22, 23, 30, 31], ids=lambda b: {0: "lowest mantissa bit", 22: "top mantissa",
-                                                                        23: "lowest exponent", 31: "sign bit"}.get(b, f"bit{b}"))
+@pytest.mark.parametrize("bit", list(BITS), ids=list(BITS.values()))
 def test_flipping_any_one_bit_changes_the_fingerprint(where, bit):
     ts = _master()
     i, pos = {"first element": (0, 0), "last element": (len(ts) - 1, ts[-1].numel() - 1),

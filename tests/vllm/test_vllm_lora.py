@@ -166,6 +166,15 @@ def test_rank_and_scope_limits_are_one_line_errors(hf, lowrank):
     assert VLLM_LORA_RANKS[0] == 1
     args = engine_lora_args(2, tile_members=3, rank_members=10)
     assert args == dict(enable_lora=True, max_lora_rank=8, max_loras=4, max_cpu_loras=11)
+    from es_mpi.decode.vllm_lora import check_config
+
+    cfg = lambda noise, scope, rank: SimpleNamespace(es=SimpleNamespace(noise=noise, lowrank_scope=scope, rank=rank))
+    check_config(cfg("lowrank", "layers", 64))
+    check_config(cfg("full", "all", 1000))
+    with pytest.raises(UserError, match=r"^es.lowrank_scope: all .* no LoRA equivalent in vLLM"):
+        check_config(cfg("lowrank", "all", 1))
+    with pytest.raises(UserError, match=r"^es.rank: 600 "):
+        check_config(cfg("lowrank", "layers", 600))
     lr = lowrank(1, "all")
     lr.begin(0, [0, 1])
     with pytest.raises(UserError, match="es.lowrank_scope: all") as e:
