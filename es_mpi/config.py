@@ -66,6 +66,8 @@ class TaskConfig:
 class GenerationConfig:
     max_new_tokens: int = 32
     batch_size: int = 0            # rows per decode tile (the unit dealt to ranks); 0 = one member's prompts
+    backend: str = "auto"          # decoder: auto (vllm on CUDA when vLLM imports, else hf) | hf | vllm
+    kv_cache_gb: int = 1           # vllm on CPU: KV-cache size per rank, GiB (VLLM_CPU_KVCACHE_SPACE)
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ _CHOICES = {
     "model.dtype": ("auto", "fp32", "bf16", "fp16"),
     "model.device": ("auto", "cpu", "cuda"),
     "task.chat_template": ("auto", "true", "false"),
+    "generation.backend": ("auto", "hf", "vllm"),
 }
 # field -> (predicate, description of the valid range)
 _RANGES = {
@@ -126,6 +129,7 @@ _RANGES = {
     "task.reward_timeout": (lambda v: v > 0, "> 0"),
     "generation.max_new_tokens": (lambda v: v >= 1, ">= 1"),
     "generation.batch_size": (lambda v: v >= 0, ">= 0"),
+    "generation.kv_cache_gb": (lambda v: v >= 1, ">= 1"),
     "eval.every": (lambda v: v >= 0, ">= 0"),
     "eval.limit": (lambda v: v >= 0, ">= 0"),
     "eval.subset": (lambda v: v >= 0, ">= 0"),

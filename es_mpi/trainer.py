@@ -29,7 +29,8 @@ from .engine.noise import (NoiseSource, fingerprint_of, fingerprint_short, finge
                            prompt_batch, ranks_disagree, same_noise, scheme_for, scheme_of)
 from .engine.optim import make_optimizer
 from .runs.rundir import RunOutput, check_run_dir
-from .decode import compat, decode_batch, format_prompts
+from .decode import compat, format_prompts
+from .decode.backend import check_early as check_backend_early, open_backend, resolve as resolve_backend
 from .scoring import generate_and_score, member_scores, score_one, summarize
 from .tasks import TaskDataError, make_task
 from .engine.update import apply_generation_update
@@ -144,6 +145,7 @@ class Trainer:
         es = cfg.es
         comm.agree(lambda: check_run_dir(self.run_dir, resume))
         self.task, self.train_set, self.heldout_set = comm.agree(lambda: load_task(cfg))
+        comm.agree(lambda: check_backend_early(cfg))
         self.chat = self.task.chat_template
         threads = cfg.model.threads or default_threads(comm)
         torch.set_num_threads(threads)
@@ -157,9 +159,14 @@ class Trainer:
         self.base_digest = self.weights.digest() if comm.is_root else None
         self.noise = NoiseSource(es.seed, self.device)
         self.noise_fp = check_noise_agrees(self.noise, comm)
+        cfg, self.backend_why = resolve_backend(cfg, self.device, comm)
+        self.cfg = cfg
+        # one decoder for the life of the process (a vLLM engine is never deleted)
+        self.backend = comm.agree(lambda: open_backend(cfg, self.folder, model, self.tok, self.device, comm,
+                                                       self.weights))
         self._notes: list[str] = []   # warnings from set-up, printed once the run log is open
         try:
-            self.perturb = make_perturbation(es, model, self.weights, self.noise)
+            self.perturb = make_perturbation(es, model, self.weights, self.noise, self.backend)
         except ValueError as e:
             raise UserError(str(e)) from None
         self.adam_where, self.adam_why = comm.agree(lambda: adam_placement(cfg, self.device, self.weights))
@@ -170,6 +177,10 @@ class Trainer:
         self.tiles = self.grid.rank_tiles(comm.size, comm.rank)
         self.rows = self.grid.rank_rows(comm.size, comm.rank)
         self.slot = self.grid.max_rank_rows(comm.size)  # the Allgather row length, in grid rows
+        if hasattr(self.backend, "check_tile_fits"):   # vllm: the KV cache holds the widest tile, on every rank
+            widest = max(t.stop - t.start for t in self.grid.tiles)
+            texts = format_prompts(self.tok, [e.prompt for e in self.train_set], self.chat)
+            comm.agree(lambda: self.backend.check_tile_fits(texts, widest, cfg.generation.max_new_tokens))
         self.start_gen = 0
         if resume:
             self.start_gen = comm.agree(lambda: self._resume(force))
@@ -253,9 +264,9 @@ class Trainer:
             listener = self.perturb.tile([grid.member_of(r) for r in rows])
             t1 = self.clock()
             prompts = [grid.prompt_of(r) for r in rows]
-            comps = decode_batch(self.model, self.tok, [texts[p] for p in prompts],
-                                 self.cfg.generation.max_new_tokens, self.task.stop_strings, rows=listener,
-                                 tile=f"of grid rows {tile.start}-{tile.stop - 1}, generation {gen}")
+            comps = self.backend.decode([texts[p] for p in prompts], self.cfg.generation.max_new_tokens,
+                                        self.task.stop_strings, rows=listener,
+                                        tile=f"of grid rows {tile.start}-{tile.stop - 1}, generation {gen}")
             t2 = self.clock()
             for r, p, c in zip(rows, prompts, comps):
                 sc = score_one(self.task, batch[p], c.text, self.cfg.task.reward_timeout)
@@ -297,7 +308,9 @@ class Trainer:
         `eval.subset` prompts: a cheap curve, with the full set at both ends."""
         ev = self.cfg.eval
         examples = self.heldout_set[:min(ev.subset or ev.limit, ev.limit) if periodic else ev.limit]
-        res = generate_and_score(self.model, self.tok, self.task, examples, self.cfg, self.comm, self.chat)
+        self.backend.sync_base(self.weights)
+        res = generate_and_score(self.model, self.tok, self.task, examples, self.cfg, self.comm, self.chat,
+                                 backend=self.backend)
         scored = [sc for _, _, sc in res]
         summ = summarize([s.reward for s in scored], [s.correct for s in scored])
         comp_means = {}
@@ -389,6 +402,7 @@ class Trainer:
         self.out.info("dtype %s (%s) | grid %d members x %d prompts in %d tiles of <= %d rows",
                       cfg.model.dtype, self.dtype_reason, self.grid.members, self.grid.prompts, len(self.grid.tiles),
                       max(t.stop - t.start for t in self.grid.tiles))
+        self.out.info("decoder %s (%s) | %s", cfg.generation.backend, self.backend_why, self.backend.describe())
         if self.adam_why:
             self.out.info("adam state: %s", self.adam_why)
         self.out.info("noise %s", fingerprint_short(self.noise_fp))

@@ -135,9 +135,18 @@ def plain_generate(model, tok, texts: list[str], max_new_tokens: int, stop_strin
 
 
 def pure_inference(trainer: Trainer, straight, gen: int) -> float:
-    """(a): this rank's tiles, plain generate on the straight-loaded model."""
+    """(a): this rank's tiles, plain generate on the straight-loaded model; with
+    generation.backend vllm, the same engine decoding the base weights (pure
+    vLLM inference of the same rows, as peers report ES efficiency)."""
     _, texts = _batch_texts(trainer, gen)
     t = 0.0
+    if trainer.backend.name == "vllm":
+        trainer.backend.sync_base(trainer.weights)
+        for tile in _tile_texts(trainer, texts):
+            t0 = trainer.clock()
+            trainer.backend.decode(tile, trainer.cfg.generation.max_new_tokens, trainer.task.stop_strings)
+            t += trainer.clock() - t0
+        return t
     for tile in _tile_texts(trainer, texts):
         t += plain_generate(straight, trainer.tok, tile, trainer.cfg.generation.max_new_tokens,
                             trainer.task.stop_strings)[1]
@@ -235,6 +244,7 @@ def run_bench(cfg, comm: Comm, generations: int = 1, compare_ranks: bool = False
         members = range(trainer.grid.member_of(rows.start), trainer.grid.member_of(rows.stop - 1) + 1) if rows else ()
         res = {"config": cfg.to_dict(), "ranks": comm.size, "threads_per_rank": trainer.threads,
                "dtype": cfg.model.dtype, "dtype_reason": trainer.dtype_reason,
+               "backend": cfg.generation.backend, "backend_reason": trainer.backend_why,
                "n_params": trainer.weights.n_params, "members_per_rank": len(members),
                "rows_per_rank": len(trainer.rows), "tiles_per_rank": len(trainer.tiles),
                "generations": generations}
@@ -334,10 +344,12 @@ def format_table(res: dict) -> str:
     rows = [
         ("ranks x threads", f"{res['ranks']} x {res['threads_per_rank']}"),
         ("dtype", f"{res['dtype']} ({res['dtype_reason']})"),
+        ("decoder", f"{res.get('backend', 'hf')} ({res.get('backend_reason', '')})"),
         ("parameters", f"{res['n_params']:,}"),
         ("members / rows / tiles per rank", f"{res['members_per_rank']} / {res['rows_per_rank']} / "
                                             f"{res['tiles_per_rank']}"),
-        ("(a) pure inference s/gen", f"{res['time_inference_s']:.3f}"),
+        ("(a) pure inference s/gen" + (" (the vLLM engine, base weights)" if res.get("backend") == "vllm" else ""),
+         f"{res['time_inference_s']:.3f}"),
         ("(b) ES s/gen", f"{res['time_es_s']:.3f}"),
         ("ES efficiency (a)/(b)", f"{res['es_efficiency']:.3f}"),
     ]

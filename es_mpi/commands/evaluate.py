@@ -21,12 +21,14 @@ from ..runs.rundir import log
 from ..scoring import STATUS_TEXT, generate_and_score, summarize
 from ..trainer import load_task, setup_model
 from ..engine.weights import Weights
+from ..decode.backend import check_early as check_backend_early, open_backend, resolve as resolve_backend
 
 
 def run_eval(cfg, comm: Comm, split: str, limit: int, out_path: str | None, ckpt_path: str | None) -> dict:
     if split not in ("heldout", "train"):
         raise UserError(f"--split: {split!r} is not heldout or train")
     task, train, heldout = comm.agree(lambda: load_task(cfg))
+    comm.agree(lambda: check_backend_early(cfg))
     examples = heldout if split == "heldout" else train
     if limit:
         examples = examples[:limit]
@@ -41,9 +43,14 @@ def run_eval(cfg, comm: Comm, split: str, limit: int, out_path: str | None, ckpt
             weights.load_state_dict(ck["weights"])
         except (KeyError, ValueError) as e:
             raise UserError(f"{ckpt_path}: checkpoint does not match the model ({e})") from None
+    cfg, why = resolve_backend(cfg, device, comm)
+    backend = comm.agree(lambda: open_backend(cfg, folder, model, tok, device, comm, weights))
+    backend.sync_base(weights)
+    if comm.is_root:
+        log.info("decoder %s (%s)", cfg.generation.backend, why)
     gathered = []
     for i, (text, n_tokens, s) in enumerate(generate_and_score(model, tok, task, examples, cfg, comm,
-                                                                task.chat_template)):
+                                                                task.chat_template, backend=backend)):
         row = {"index": i, "id": examples[i].id, "completion": text, "n_tokens": n_tokens,
                "reward": s.reward if s.status == 0 else None, "correct": s.correct, **dict(s.components)}
         if s.status:

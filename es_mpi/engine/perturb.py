@@ -18,8 +18,9 @@ from .noise import NoiseSource, member_noise
 class FullRank:
     kind = "full"
 
-    def __init__(self, weights, noise: NoiseSource, es):
+    def __init__(self, weights, noise: NoiseSource, es, backend=None):
         self.weights, self.noise = weights, noise
+        self.backend = backend          # a vllm decode.backend takes each member's weights (None: hf)
         self.sigma, self.antithetic = es.sigma, es.antithetic
         self._gen, self._current = 0, None
 
@@ -36,10 +37,15 @@ class FullRank:
             raise ValueError("a full-rank tile holds one member's rows")
         if m != self._current:
             self.weights.materialise(self.noise, self._gen, member_noise(m, self.antithetic), self.sigma)
+            if self.backend is not None:
+                self.backend.write_working(self.weights)
             self._current = m
         return None
 
     def end(self) -> None:
+        # a vllm backend's engine gets cast(master) from the fp32 master when it
+        # next decodes the base (backend.sync_base), not here: the next
+        # member's write would overwrite it anyway
         self.weights.restore()
         self._current = None
 
@@ -50,7 +56,14 @@ class FullRank:
         pass
 
 
-def make_perturbation(es, model, weights, noise: NoiseSource):
+def make_perturbation(es, model, weights, noise: NoiseSource, backend=None):
+    """`backend` (decode.backend): on vllm, low-rank members are LoRA adapters
+    (decode.vllm_lora.LoRAPerturbation: the same factors and update, no hooks
+    used, the base written into the engine once per generation)."""
     if es.noise == "lowrank":
-        return LowRank(model, weights, noise, es)
-    return FullRank(weights, noise, es)
+        lowrank = LowRank(model, weights, noise, es)
+        if getattr(backend, "name", "hf") == "vllm":
+            from ..decode.vllm_lora import LoRAPerturbation
+            return LoRAPerturbation(lowrank, backend.llm, lambda: backend.sync_base(weights))
+        return lowrank
+    return FullRank(weights, noise, es, backend if getattr(backend, "name", "hf") == "vllm" else None)

