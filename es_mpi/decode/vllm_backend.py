@@ -30,12 +30,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 
+from ..clock import Clock
 from ..errors import UserError
 from .backend import VLLM_EXTRA
 from .greedy import Completion, eos_ids
@@ -127,6 +127,7 @@ class VLLMBackend:
     def __init__(self, llm, tokenizer, eos: list[int], dtype: torch.dtype, why: str = ""):
         self.llm, self.tok, self.eos, self.dtype = llm, tokenizer, list(eos), dtype
         self.why = why
+        self.clock = Clock("cuda" if torch.cuda.is_available() else "cpu")   # the engine's device
         self.t_write = 0.0          # seconds in weight writes (all of them)
         self.n_writes = 0
         self._holds = None          # ("base", weights.version) | ("member", id(weights)) | None
@@ -185,13 +186,13 @@ class VLLMBackend:
         """The engine's weights := `named` (HF names, every parameter of the
         model: fused groups complete), cast to the engine's dtype.  Returns the
         seconds it took."""
-        t0 = time.perf_counter()
+        t0 = self.clock()
         dt = self.dtype
         it = ((n, t.detach().to(dt, copy=True)) for n, t in named)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": it})
         self._retie()
         self.llm.reset_prefix_cache()
-        dt_s = time.perf_counter() - t0
+        dt_s = self.clock() - t0
         self.t_write += dt_s
         self.n_writes += 1
         return dt_s
