@@ -274,9 +274,13 @@ def run_bench(cfg, comm: Comm, generations: int = 1, compare_ranks: bool = False
             _, texts = _batch_texts(trainer, 0)
             res["decode"] = decode_vs_generate(trainer, straight, _tile_texts(trainer, texts)[0])
         comm.barrier()
+        adapters = getattr(trainer.perturb, "adapters", None)   # low-rank on vllm: one LoRA adapter per member
+        reg0 = adapters.t_register if adapters is not None else 0.0
         with PeakRSS() as peak_b:
             _, gpu_b = _peak_gpu(trainer.device, phase_b)
         total_b = float(np.mean(t_b))
+        if adapters is not None:   # building + registering this rank's adapters, per generation (in t_materialise)
+            res["adapter_register_s_per_gen"] = (adapters.t_register - reg0) / generations
         res.update({
             "time_inference_s": float(np.mean(t_a)), "time_es_s": total_b,
             "es_efficiency": float(np.mean(t_a)) / total_b,
@@ -362,6 +366,8 @@ def format_table(res: dict) -> str:
                                       f"{res['update_forced_s']:.3f} s (counted in generations/hour)")]
     n = res["noise"]
     rows += [("decode tokens/s (ES phase, rank 0)", f"{res['decode_tokens_per_s']:.1f}")]
+    if "adapter_register_s_per_gen" in res:
+        rows += [("  LoRA adapters built + registered", f"{res['adapter_register_s_per_gen']:.3f} s/gen")]
     if "gpu_peak_bytes_es" in res:
         rows += [("GPU peak inference / ES", f"{res['gpu_peak_bytes_inference'] / gib:.2f} / "
                                              f"{res['gpu_peak_bytes_es'] / gib:.2f} GiB")]

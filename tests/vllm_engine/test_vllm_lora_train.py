@@ -74,3 +74,21 @@ def test_bad_lowrank_settings_are_one_line_errors(extra, message, folder, tmp_pa
     assert code == 2
     lines = [l for l in (out + err).splitlines() if message in l]
     assert len(lines) == 1 and "Traceback" not in out + err
+
+
+def test_bench_reports_lowrank_on_vllm_against_pure_vllm_inference(tmp_path, cache_dir, folder):
+    """`es-mpi bench` with low-rank noise on vllm: ES efficiency against the
+    same engine decoding the base weights without adapters, and the adapters'
+    build-and-register time per generation."""
+    import json
+    import sys
+
+    js = tmp_path / "b.json"
+    p = run([sys.executable, "-m", "es_mpi", "bench", "--config", "configs/tiny.yaml", "--set", f"model.path={folder}",
+             *VLLM, "--set", "es.noise=lowrank", "--set", "es.population=4", "--set", "generation.batch_size=32",
+             "--json", str(js)], timeout=300, ES_MPI_CACHE=str(cache_dir))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    res = json.loads(js.read_text())
+    assert res["backend"] == "vllm" and res["config"]["es"]["noise"] == "lowrank"
+    assert 0 < res["es_efficiency"] < 10 and res["adapter_register_s_per_gen"] > 0
+    assert "LoRA adapters built + registered" in p.stdout
