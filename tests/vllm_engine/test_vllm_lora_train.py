@@ -43,6 +43,7 @@ def runs(tmp_path_factory, cache_dir, folder):
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
         assert "decoder vllm" in p.stdout
         out[name, n] = final_digest(p.stdout)
+        out[name, n, "dir"] = d
     return out
 
 
@@ -92,3 +93,26 @@ def test_bench_reports_lowrank_on_vllm_against_pure_vllm_inference(tmp_path, cac
     assert res["backend"] == "vllm" and res["config"]["es"]["noise"] == "lowrank"
     assert 0 < res["es_efficiency"] < 10 and res["adapter_register_s_per_gen"] > 0
     assert "LoRA adapters built + registered" in p.stdout
+
+
+def test_lowrank_on_vllm_replays_and_resumes_to_the_same_digest(runs, folder, tmp_path, cache_dir):
+    """Replay from the log (no engine: the updates from the logged rewards)
+    and a resume after 2 of 3 generations both give the 3-generation digest."""
+    import sys
+
+    import h5py
+
+    out = tmp_path / "r.h5"
+    p = run([sys.executable, "-m", "es_mpi", "replay", str(runs["n7", 1, "dir"]), "--generation", "3", "--out",
+             str(out)], timeout=120, ES_MPI_CACHE=str(cache_dir))
+    assert p.returncode == 0, p.stderr[-2000:]
+    with h5py.File(out, "r") as f:
+        assert f.attrs["digest"] == runs["n7", 1]
+    d = tmp_path / "resumed"
+    model = ["--set", f"model.path={folder}"]
+    for extra in (["--set", "es.generations=2"], ["--resume"]):
+        p = run(mpiexec_cmd(1, "train", *SMALL, *model, *VLLM, *extra, "--run-dir", str(d)), timeout=300,
+                ES_MPI_CACHE=str(cache_dir))
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "resumed at generation 2" in p.stdout
+    assert final_digest(p.stdout) == runs["n7", 1]
