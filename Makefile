@@ -14,7 +14,8 @@ TRANSFORMERS_FLOOR ?= 5.16.1
 FLOOR_VENV ?= .venv-vllm
 FLOOR_PY   := $(FLOOR_VENV)/bin/python
 FLOOR_STAMP := $(FLOOR_VENV)/.es-mpi-installed
-FLOOR_TESTS := tests/integration/test_decode.py tests/integration/test_lowrank.py \
+FLOOR_TESTS := tests/integration/test_decode.py tests/integration/test_decode_guards.py \
+               tests/integration/test_lowrank.py \
                tests/integration/test_golden.py tests/integration/test_learning.py tests/vllm_engine
 # Open MPI refuses to run as root unless told; harmless otherwise.
 export OMPI_ALLOW_RUN_AS_ROOT := 1

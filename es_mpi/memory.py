@@ -42,11 +42,25 @@ class Budget:
     def moments(self) -> int:
         return 8 * self.n_params if self.adam else 0
 
+    @classmethod
+    def of(cls, weights, adam: bool) -> "Budget":
+        """The budget of an engine.weights.Weights (its working dtype's size)."""
+        return cls(weights.n_params, weights.working[0].element_size(), adam)
+
     def text(self) -> str:
         parts = [f"master {self.master / GB:.1f} GB", f"working {self.working / GB:.1f} GB"]
         if self.adam:
             parts.append(f"Adam moments {self.moments / GB:.1f} GB")
         return " + ".join(parts)
+
+
+def card_bytes(device: str) -> int | None:
+    """Total memory of a CUDA device, None for the CPU."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return torch.cuda.get_device_properties(torch.device(device)).total_memory
 
 
 def adam_state_device(pref: str, device: str, budget: Budget, card_bytes: int | None) -> tuple[str, str]:

@@ -23,7 +23,7 @@ from .clock import Clock
 from .comm import Comm, check_devices_unique, default_threads, pick_device
 from .signals import catch_stop_signals, clear_stop, ignore_stop_signals, restore_signals, stop_requested
 from .errors import RunAborted, UserError
-from .memory import Budget, adam_state_device
+from .memory import Budget, adam_state_device, card_bytes
 from .model import load_model, load_tokenizer, prepare
 from .engine.noise import (NoiseSource, fingerprint_of, fingerprint_short, fingerprint_text, member_noise,
                            prompt_batch, ranks_disagree, same_noise, scheme_for, scheme_of)
@@ -97,10 +97,8 @@ def adam_placement(cfg, device: str, weights: Weights) -> tuple[str, str]:
     """Where Adam's moments live (memory.adam_state_device), or UserError."""
     if cfg.es.optimizer != "adam":
         return device, ""
-    card = torch.cuda.get_device_properties(torch.device(device)).total_memory if device.startswith("cuda") else None
-    budget = Budget(weights.n_params, weights.working[0].element_size(), adam=True)
     try:
-        return adam_state_device(cfg.es.adam_state, device, budget, card)
+        return adam_state_device(cfg.es.adam_state, device, Budget.of(weights, adam=True), card_bytes(device))
     except ValueError as e:
         raise UserError(str(e)) from None
 

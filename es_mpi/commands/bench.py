@@ -39,7 +39,7 @@ from ..decode import decode_batch, format_prompts, greedy_config
 from ..engine.es import UpdatePlan
 from ..engine.noise import prompt_batch
 from ..engine.perturb import make_perturbation
-from ..memory import GB, RESIDENT_SHARE, Budget
+from ..memory import GB, RESIDENT_SHARE, Budget, card_bytes
 from ..model import load_straight
 from ..trainer import Trainer
 from .paper_loop import paper_generation
@@ -217,11 +217,10 @@ def update_scaling(trainer, comm: Comm, populations) -> dict:
 def _second_trainer_fits(trainer) -> str:
     """--compare-ranks builds a second 1-rank Trainer on rank 0 beside the
     first: "" when both fit on its GPU (or on CPU), else why it is skipped."""
-    if torch.device(trainer.device).type != "cuda":
+    card = card_bytes(trainer.device)
+    if card is None:
         return ""
-    w = trainer.weights
-    b = Budget(w.n_params, w.working[0].element_size(), adam=trainer.cfg.es.optimizer == "adam")
-    card = torch.cuda.get_device_properties(torch.device(trainer.device)).total_memory
+    b = Budget.of(trainer.weights, adam=trainer.cfg.es.optimizer == "adam")
     need = 2 * (b.master + b.working + b.moments)
     if need <= RESIDENT_SHARE * card:
         return ""
@@ -334,7 +333,7 @@ def run_bench(cfg, comm: Comm, generations: int = 1, compare_ranks: bool = False
         if torch.device(trainer.device).type == "cuda":
             res["gpu_peak_bytes_bench"] = float(comm.allgather_floats(
                 np.array([torch.cuda.max_memory_allocated(trainer.device)]))[:, 0].max())
-            res["gpu_card_bytes"] = torch.cuda.get_device_properties(torch.device(trainer.device)).total_memory
+            res["gpu_card_bytes"] = card_bytes(trainer.device)
         return res
     finally:
         comm.barrier()
