@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .decode import decode, format_prompts
+from .decode import format_prompts
 from .tasks import Example, Task
 
 OK, RAISED, NONFINITE, TIMEOUT = 0, 1, 2, 3
@@ -79,12 +79,11 @@ def eval_tile_rows(cfg) -> int:
     return cfg.generation.batch_size or cfg.es.prompts_per_generation
 
 
-def generate_and_score(model, tokenizer, task: Task, examples: Sequence[Example], cfg, comm, chat: bool,
-                       backend=None):
+def generate_and_score(backend, tokenizer, task: Task, examples: Sequence[Example], cfg, comm, chat: bool):
     """Decode and score `examples` on all ranks: fixed tiles of eval_tile_rows
     prompts, balanced contiguous runs of tiles per rank, results gathered in
-    example order.  `backend` (decode.backend; None: the hf decoder on
-    `model`) must hold the weights to evaluate (backend.sync_base).
+    example order.  `backend` (decode.backend) must hold the weights to
+    evaluate (backend.sync_base).
     Returns [(completion text, n_tokens, Scored)] on every rank."""
     from .engine.grid import balanced
 
@@ -95,10 +94,7 @@ def generate_and_score(model, tokenizer, task: Task, examples: Sequence[Example]
     for s in (starts[i] for i in mine):
         part = examples[s:s + t]
         texts = format_prompts(tokenizer, [e.prompt for e in part], chat)
-        if backend is None:
-            comps = decode(model, tokenizer, texts, cfg.generation.max_new_tokens, task.stop_strings)
-        else:
-            comps = backend.decode(texts, cfg.generation.max_new_tokens, task.stop_strings)
+        comps = backend.decode(texts, cfg.generation.max_new_tokens, task.stop_strings)
         for e, c in zip(part, comps):
             sc = score_one(task, e, c.text, cfg.task.reward_timeout)
             rows.append([c.text, c.n_tokens, sc.reward, sc.status, sc.correct, dict(sc.components)])

@@ -307,8 +307,7 @@ class Trainer:
         ev = self.cfg.eval
         examples = self.heldout_set[:min(ev.subset or ev.limit, ev.limit) if periodic else ev.limit]
         self.backend.sync_base(self.weights)
-        res = generate_and_score(self.model, self.tok, self.task, examples, self.cfg, self.comm, self.chat,
-                                 backend=self.backend)
+        res = generate_and_score(self.backend, self.tok, self.task, examples, self.cfg, self.comm, self.chat)
         scored = [sc for _, _, sc in res]
         summ = summarize([s.reward for s in scored], [s.correct for s in scored])
         comp_means = {}

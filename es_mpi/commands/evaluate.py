@@ -49,8 +49,8 @@ def run_eval(cfg, comm: Comm, split: str, limit: int, out_path: str | None, ckpt
     if comm.is_root:
         log.info("decoder %s (%s)", cfg.generation.backend, why)
     gathered = []
-    for i, (text, n_tokens, s) in enumerate(generate_and_score(model, tok, task, examples, cfg, comm,
-                                                                task.chat_template, backend=backend)):
+    for i, (text, n_tokens, s) in enumerate(generate_and_score(backend, tok, task, examples, cfg, comm,
+                                                                task.chat_template)):
         row = {"index": i, "id": examples[i].id, "completion": text, "n_tokens": n_tokens,
                "reward": s.reward if s.status == 0 else None, "correct": s.correct, **dict(s.components)}
         if s.status:

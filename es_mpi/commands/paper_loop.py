@@ -16,7 +16,6 @@ every tensor) are kept: this is a speed baseline, not a trainer.
 """
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import torch

