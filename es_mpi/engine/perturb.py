@@ -36,9 +36,11 @@ class FullRank:
         if any(x != m for x in members_of_rows):
             raise ValueError("a full-rank tile holds one member's rows")
         if m != self._current:
-            self.weights.materialise(self.noise, self._gen, member_noise(m, self.antithetic), self.sigma)
-            if self.backend is not None:
-                self.backend.write_working(self.weights)
+            mn = member_noise(m, self.antithetic)
+            if self.backend is None:
+                self.weights.materialise(self.noise, self._gen, mn, self.sigma)
+            else:   # the engine holds the working weights: the member goes straight in from the master
+                self.backend.write_member(self.weights, self.noise, self._gen, mn, self.sigma)
             self._current = m
         return None
 

@@ -24,6 +24,8 @@ def test_gpu_check_script_and_scale_model_on_tiny_shape(tmp_path, cache_dir):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["runs"]) == {"qwen2.5-tiny-full-hf", "qwen2.5-tiny-lowrank-hf"}
     assert "ES efficiency" in p.stdout and "Allgather alone" in p.stdout and "qwen2.5-tiny" in p.stdout
+    # the master-on-host comparison ran both trains (on CPU both keep the master in host memory)
+    assert "master host == device: same final digest" in (out / "master_host.txt").read_text()
     # the script ends with the scale model over both kinds
     assert (out / "scale_model.png").stat().st_size > 10_000
     table = (out / "scale_model.txt").read_text()

@@ -43,7 +43,7 @@ def tiny(folder):
 
 
 def tiny_with_layers(folder, n_layers: int):
-    """The tiny Llama's shape (GQA: 4 query heads, 2 kv heads) with `n_layers` layers, random weights."""
+    """The tiny Llama's shape (GQA: 2 query heads, 1 kv head) with `n_layers` layers, random weights."""
     cfg = AutoConfig.from_pretrained(str(folder))
     cfg.num_hidden_layers = n_layers
     torch.manual_seed(0)
@@ -150,7 +150,7 @@ def forbid_repeat_kv(monkeypatch):
 
 
 def test_gqa_model_decodes_without_repeat_kv(tiny, monkeypatch):
-    """The tiny Llama has 4 query heads on 2 kv heads.  With repeat_kv
+    """The tiny Llama has 2 query heads on 1 kv head.  With repeat_kv
     forbidden, ragged prompts (masked prefill) and prompts sharing a prefix
     (the causal prefix forward) decode to the tokens they decoded before."""
     model, tok = tiny

@@ -146,7 +146,7 @@ def test_gguf_converts_to_the_same_weights_tokenizer_and_logits(tiny_folder, tin
     assert all(a[k].dtype == torch.float32 and torch.equal(a[k], b[k]) for k in a), \
         [k for k in a if not torch.equal(a[k], b[k])]
     cfg = json.loads((folder / "config.json").read_text())
-    assert (cfg["model_type"], cfg["num_hidden_layers"], cfg["num_key_value_heads"]) == ("llama", 2, 2)
+    assert (cfg["model_type"], cfg["num_hidden_layers"], cfg["num_key_value_heads"]) == ("llama", 2, 1)
     assert "quantization_config" not in cfg
 
     tok, tok_src = load_tokenizer(folder), load_tokenizer(tiny_folder)

@@ -59,3 +59,31 @@ def test_adam_with_state_device_equal_to_device_is_unchanged_on_cpu():
     acc = torch.randn(257)
     a.begin(), b.begin()
     assert torch.equal(a.step_tensor(0, None, acc.clone(), 1.0, 1.0, 0.1), b.step_tensor(0, None, acc.clone(), 1.0, 1.0, 0.1))
+
+
+A100_40 = 40 * 10**9
+
+
+def test_master_placement_7b_stays_on_an_80gb_card_and_goes_to_host_on_40gb():
+    """Issue 17: the master in pinned host memory when the card cannot hold
+    master + working (the vLLM engine's copy is the only working copy)."""
+    from es_mpi.memory import master_device
+
+    b = Budget(QWEN_7B, 2, adam=False)
+    where, why = master_device("auto", "cuda:0", b, H100)
+    assert where == "cuda:0" and "master 30.5 GB + working 15.2 GB = 45.7 GB vs 75% of 80 GB" in why
+    where, why = master_device("auto", "cuda:0", b, A100_40)
+    assert where == "cpu" and "pinned host memory" in why
+    assert master_device("host", "cuda:0", Budget(1_000_000, 2, False), H100)[0] == "cpu"
+    assert master_device("auto", "cpu", b, None)[0] == "cpu"
+    with pytest.raises(ValueError, match=r"es.master: device does not fit: master 30.5 GB \+ working 15.2 GB"):
+        master_device("device", "cuda:0", b, A100_40)
+
+
+def test_a_host_master_leaves_room_for_adam_on_the_card():
+    """Adam is placed after the master: with the master on the host, only
+    working + moments count against the card."""
+    b = Budget(2_500_000_000, 2, adam=True, master_on_card=False)
+    assert b.resident == (2 + 8) * 2_500_000_000
+    assert adam_state_device("auto", "cuda:0", b, A100_40)[0] == "cuda:0"
+    assert adam_state_device("auto", "cuda:0", Budget(2_500_000_000, 2, adam=True), A100_40)[0] == "cpu"

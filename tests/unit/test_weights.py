@@ -2,6 +2,7 @@
 import hashlib
 
 import numpy as np
+import pytest
 import torch
 
 from es_mpi.engine.es import plan_update
@@ -135,3 +136,92 @@ def test_update_reads_the_device_once_whatever_the_block_count(monkeypatch):
     monkeypatch.undo()
     assert norm > 0
     assert reads.count("cpu") == 1 and len(reads) <= 4, reads
+
+
+def _two_weights(dtype, **kw):
+    """The same model's Weights twice: master resident, and master streamed
+    through the device scratch (the path of a pinned host master, taken on
+    the CPU with stream_master=True)."""
+    a, b = _multi_block_model(), _multi_block_model()
+    return (Weights(a, dtype), Weights(b, dtype, stream_master=True, **kw)), (a, b)
+
+
+def test_a_streamed_master_gives_the_resident_masters_members_and_updates_bitwise():
+    """Issue 17 (master in pinned host memory): every member and every update
+    of a streamed master are the resident master's, bit for bit, with SGD and
+    Adam, over generations."""
+    for dtype in (torch.float32, torch.bfloat16):
+        (res, st), (ma, mb) = _two_weights(dtype)
+        assert st.streamed and not res.streamed and st._up.numel() == BLOCK
+        src = NoiseSource(4)
+        for kind in ("sgd", "adam"):
+            opts = [SGD(w.names) if kind == "sgd" else Adam(w.names, w.shapes, 0.9, 0.999, 1e-8) for w in (res, st)]
+            for gen in range(3):
+                for w in (res, st):
+                    w.materialise(src, gen, member_noise(gen + 1, True), 0.01)
+                assert all(torch.equal(p, q) for p, q in zip(ma.parameters(), mb.parameters()))
+                plan = plan_update(np.array([1.0, -0.5, 0.3]), np.ones(3, bool), False, alpha=0.1, sigma=0.01,
+                                   step="gradient")
+                norms = [w.apply_update(src, gen, plan, o, 0.1) for w, o in zip((res, st), opts)]
+                assert norms[0] == norms[1] > 0
+                assert all(torch.equal(x, y) for x, y in zip(res.master, st.master))
+                assert all(torch.equal(p, q) for p, q in zip(ma.parameters(), mb.parameters()))
+                assert res.fingerprint() == st.fingerprint() and res.digest() == st.digest()
+
+
+def test_member_tensors_are_the_materialised_working_weights():
+    """What a vLLM engine loads for a member (one fresh tensor per parameter,
+    straight from the master) is what materialise writes into the HF model."""
+    for dtype in (torch.float32, torch.bfloat16):
+        (res, st), (ma, _) = _two_weights(dtype)
+        src = NoiseSource(2)
+        for w in (res, st):
+            got = list(w.member_tensors(src, 1, member_noise(3, True), 0.02, dtype))
+            assert [n for n, _ in got] == w.names
+            res.materialise(src, 1, member_noise(3, True), 0.02)
+            for (_, t), p in zip(got, ma.parameters()):
+                assert t.dtype == dtype and torch.equal(t, p) and t.data_ptr() != p.data_ptr()
+            res.restore()
+            base = list(w.base_tensors(dtype))
+            for (_, t), m, p in zip(base, w.master, ma.parameters()):
+                assert torch.equal(t, p) and t.data_ptr() != m.data_ptr()
+
+
+def test_a_meta_model_means_the_engine_holds_the_working_weights():
+    with torch.device("meta"):
+        skel = _multi_block_model()
+    master = [p.detach().clone() for p in _multi_block_model().parameters()]
+    w = Weights(skel, master=master, device="cpu")
+    assert w.engine_holds_working and not w.streamed
+    w.restore()   # nothing to restore: the engine takes cast(master) from the master
+    try:
+        w.materialise(NoiseSource(1), 0, member_noise(0, False), 0.01)
+    except ValueError as e:
+        assert "member_tensors" in str(e)
+    else:
+        raise AssertionError("materialise into a meta model must be refused")
+    got = dict(w.member_tensors(NoiseSource(1), 0, member_noise(0, False), 0.01, torch.float32))
+    assert set(got) == set(w.names) and all(not t.is_meta for t in got.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a pinned host master needs a CUDA device")
+def test_a_pinned_host_master_on_cuda_gives_the_on_card_bits():
+    """es.master: host on a GPU: blocks copied up and back in stream order, no
+    host sync per block; the same members and updates as a master on the card."""
+    ref = [p.detach().float() for p in _multi_block_model().parameters()]
+    pairs = []
+    for host in (False, True):
+        model = _multi_block_model().cuda().bfloat16()
+        master = [t.pin_memory() if host else t.cuda() for t in ref]
+        pairs.append((Weights(model, master=master, device="cuda"), model))
+    (a, ma), (b, mb) = pairs
+    assert b.streamed and b.master[0].is_pinned() and not a.streamed
+    src = NoiseSource(4, "cuda")
+    for gen in range(2):
+        for w in (a, b):
+            w.materialise(src, gen, member_noise(1, True), 0.01)
+        assert all(torch.equal(p, q) for p, q in zip(ma.parameters(), mb.parameters()))
+        plan = plan_update(np.array([1.0, -0.5]), np.ones(2, bool), False, alpha=0.1, sigma=0.01, step="paper")
+        assert a.apply_update(src, gen, plan, SGD(a.names), 0.1) == b.apply_update(src, gen, plan, SGD(b.names), 0.1)
+        assert all(torch.equal(x.cpu(), y) for x, y in zip(a.master, b.master))
+        assert a.fingerprint() == b.fingerprint()

