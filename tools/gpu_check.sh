@@ -15,7 +15,7 @@
 #    tokens; the two final digests must be equal (master_host.txt).
 # 4. A table of every run side by side, summary.json, and the scale model.
 #
-#   tools/gpu_check.sh [OUT_DIR]                       # everything (~9 min on one H200, estimated)
+#   tools/gpu_check.sh [OUT_DIR]                       # everything (~10 min on one H200, estimated)
 #   SHAPES=qwen2.5-1.5b tools/gpu_check.sh out         # one shape (each shape runs alone)
 #   NOISE=lowrank BACKENDS=hf tools/gpu_check.sh out   # one kind, one backend
 #   SHAPES=qwen2.5-tiny PROMPTS=4 TOKENS=8 PREFLIGHT_SHAPE=qwen2.5-tiny tools/gpu_check.sh out   # CPU smoke (tests)
@@ -62,14 +62,15 @@ for s in $SHAPES; do
 done
 first=${SHAPES%% *}
 echo "== master on host vs on the card, $first ($(date +%T))"
+runs=$(mktemp -d)   # the runs' checkpoints (6 GB each at 1.5B) stay out of $OUT
 for where in device host; do
-  rm -rf "$OUT/run-master-$where"
-  timeout "$RUN_TIMEOUT" "$PY" -m es_mpi train --config configs/gpu_check.yaml --run-dir "$OUT/run-master-$where" \
+  timeout "$RUN_TIMEOUT" "$PY" -m es_mpi train --config configs/gpu_check.yaml --run-dir "$runs/$where" \
     --set "model.path=builtin:$first-random" --set es.prompts_per_generation=8 --set task.train_size=8 \
     --set generation.max_new_tokens=16 --set es.generations=2 --set es.master=$where --set generation.backend=hf \
     > "$OUT/master-$where.txt" 2>&1
   echo "$where exit $? $(grep -o 'final-digest: [0-9a-f]*' "$OUT/master-$where.txt")" | tee -a "$OUT/master_host.txt"
 done
+rm -rf "$runs"
 d1=$(grep -o 'final-digest: [0-9a-f]*' "$OUT/master-device.txt"); d2=$(grep -o 'final-digest: [0-9a-f]*' "$OUT/master-host.txt")
 [ -n "$d1" ] && [ "$d1" = "$d2" ] && echo "master host == device: same final digest" | tee -a "$OUT/master_host.txt" \
   || echo "master host != device (or a run failed): see master-*.txt" | tee -a "$OUT/master_host.txt"
