@@ -3,17 +3,21 @@ prefill taken out: the cost of N_LONG new tokens minus the cost of N_SHORT,
 every row decoding to the limit (EOS ignored).
 
     python tools/bench_vllm_decode.py --config configs/smollm2-135m_countdown.yaml \\
-        --rows 128 --threads 1 [--backends hf,vllm,vllm-compiled] [--short 8 --long 64]
+        --rows 128 --threads 1 [--backends hf,vllm,vllm-compiled] [--short 8 --long 64] [--repeat 3]
 
-Prints one line per backend: engine start, seconds for each length, and
-tokens/s of the difference (rows x (long - short) / (t_long - t_short)).
-`vllm` is the eager engine, `vllm-compiled` the compiled one
-(generation.vllm_mode), both in this process, so one run gives both ratios.
+Every backend is opened in this process (`vllm` is the eager engine,
+`vllm-compiled` the compiled one: generation.vllm_mode), then timed in
+rounds, the backends in turn in each round.  Prints per round and backend the
+seconds for each length and tokens/s of the difference (rows x (long -
+short) / (t_long - t_short)), then per backend its start-up and median, and
+the median of the per-round ratios (vllm/hf, vllm-compiled/hf,
+vllm-compiled/vllm).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,6 +34,7 @@ def main() -> None:
     ap.add_argument("--long", type=int, default=64)
     ap.add_argument("--backends", default="hf,vllm")
     ap.add_argument("--writes", type=int, default=0, help="also time this many member writes (t_materialise)")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds of timings, the backends in turn in each")
     ap.add_argument("--set", action="append", default=[])
     a = ap.parse_args()
 
@@ -50,48 +55,59 @@ def main() -> None:
     cfg, folder, model, tok, device, weights = ld.cfg, ld.folder, ld.model, ld.tok, ld.device, ld.weights
     ex = [train[i % len(train)] for i in range(a.rows)]
     texts = format_prompts(tok, [e.prompt for e in ex], task.chat_template)
-    out = {}
-    for name in a.backends.split(","):
+    names = a.backends.split(",")
+    bes, opened = {}, {}
+    for name in names:   # every engine opened first: the timings below interleave them
         t0 = time.perf_counter()
         if name in ("vllm", "vllm-compiled"):
             from es_mpi.decode.vllm_backend import VLLMBackend
             mode = "compiled" if name == "vllm-compiled" else "eager"
-            be = VLLMBackend.open(config_mod.with_value(cfg, "generation.vllm_mode", mode), folder, model, tok,
-                                  device, comm, weights)
+            bes[name] = VLLMBackend.open(config_mod.with_value(cfg, "generation.vllm_mode", mode), folder, model,
+                                         tok, device, comm, weights)
         else:
-            be = HFBackend(model, tok)
-        t_open = time.perf_counter() - t0
-        be.decode(texts[:4], 4, ignore_eos=True)       # warm-up
-        times = {}
-        for n in (a.short, a.long):
-            t0 = time.perf_counter()
-            comps = be.decode(texts, n, ignore_eos=True)
-            times[n] = time.perf_counter() - t0
-            assert all(c.n_tokens == n for c in comps), [c.n_tokens for c in comps][:8]
-        if a.writes:
-            from es_mpi.engine.noise import NoiseSource, member_noise
-            noise, tw = NoiseSource(0, device), []
+            bes[name] = HFBackend(model, tok)
+        opened[name] = time.perf_counter() - t0
+        bes[name].decode(texts[:4], 4, ignore_eos=True)       # warm-up
+    # Round r times every backend once, in turn: a slow spell of this shared
+    # machine hits all of them in the same round, and the median of the
+    # per-round ratios is the figure (one run's ratio moved 0.89-1.24 here).
+    rates: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(a.repeat):
+        for name in names:
+            times = {}
+            for n in (a.short, a.long):
+                t0 = time.perf_counter()
+                comps = bes[name].decode(texts, n, ignore_eos=True)
+                times[n] = time.perf_counter() - t0
+                assert all(c.n_tokens == n for c in comps), [c.n_tokens for c in comps][:8]
+            rates[name].append(a.rows * (a.long - a.short) / (times[a.long] - times[a.short]))
+            print(f"round {r + 1} {name}: {times[a.short]:.2f} s / {times[a.long]:.2f} s -> "
+                  f"{rates[name][-1]:.1f} tokens/s", flush=True)
+    if a.writes:
+        from es_mpi.engine.noise import NoiseSource, member_noise
+        noise = NoiseSource(0, device)
+        for name in names:
+            tw = []
             for m in range(a.writes):   # hf: into the HF model; vllm: from the master into the engine
                 t0 = time.perf_counter()
                 if name != "hf":
-                    be.write_member(weights, noise, 0, member_noise(m, False), 0.001)
+                    bes[name].write_member(weights, noise, 0, member_noise(m, False), 0.001)
                 else:
                     weights.materialise(noise, 0, member_noise(m, False), 0.001)
                 tw.append(time.perf_counter() - t0)
             weights.restore()
-            be.sync_base(weights)
+            bes[name].sync_base(weights)
             print(name, "member write s (t_materialise)", [round(x, 3) for x in tw])
-        tps = a.rows * (a.long - a.short) / (times[a.long] - times[a.short])
-        out[name] = dict(open_s=round(t_open, 2), t_short=round(times[a.short], 2), t_long=round(times[a.long], 2),
-                         tokens_per_s=round(tps, 1))
-        print(name, json.dumps(out[name]), flush=True)
-    for name in ("vllm", "vllm-compiled"):
-        if "hf" in out and name in out:
-            print(f"{name}/hf decode speed ratio: {out[name]['tokens_per_s'] / out['hf']['tokens_per_s']:.3f}")
-    if "vllm" in out and "vllm-compiled" in out:
-        print(f"compiled/eager decode speed ratio: "
-              f"{out['vllm-compiled']['tokens_per_s'] / out['vllm']['tokens_per_s']:.3f}, start-up "
-              f"{out['vllm-compiled']['open_s']:.1f} s vs {out['vllm']['open_s']:.1f} s")
+    med = statistics.median
+    for name in names:
+        print(name, json.dumps(dict(open_s=round(opened[name], 2), tokens_per_s=[round(x, 1) for x in rates[name]],
+                                    median_tokens_per_s=round(med(rates[name]), 1))), flush=True)
+    pairs = [(n, "hf") for n in ("vllm", "vllm-compiled")] + [("vllm-compiled", "vllm")]
+    for x, y in pairs:
+        if x in rates and y in rates:
+            per_round = [u / v for u, v in zip(rates[x], rates[y])]
+            print(f"{x}/{y} decode speed ratio: median {med(per_round):.3f} over {len(per_round)} rounds "
+                  f"({', '.join(f'{q:.3f}' for q in per_round)}); start-up {opened[x]:.1f} s vs {opened[y]:.1f} s")
 
 
 if __name__ == "__main__":

