@@ -142,9 +142,7 @@ def keep_saved_mode(cfg, run_dir: Path):
     path = checkpoint.latest(run_dir)
     if path is None:
         return cfg
-    with checkpoint.open_h5(path, checkpoint.KIND) as f:
-        text = f.attrs["config"]
-    saved = config_mod.loads(text.decode() if isinstance(text, bytes) else str(text), f"{path} (config)")
+    saved = config_mod.loads(checkpoint.config_text(path), f"{path} (config)")
     mode = saved.generation.vllm_mode
     return cfg if mode == "auto" else config_mod.with_value(cfg, "generation.vllm_mode", mode)
 

@@ -143,7 +143,7 @@ class Weights:
     def base_tensors(self, dtype: torch.dtype):
         """(name, a fresh cast(master) in `dtype` on the device), one at a time."""
         for n, m in zip(self.names, self.master):
-            yield n, m.to(self.device, copy=True).to(dtype)
+            yield n, m.to(self.device, dtype, copy=True)
 
     @torch.no_grad()
     def restore(self) -> None:

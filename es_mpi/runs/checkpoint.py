@@ -139,6 +139,16 @@ def prune(run_dir: str | Path, keep: int) -> list[Path]:
     return gone
 
 
+def config_text(path: str | Path) -> str:
+    """The run config a checkpoint was written with, read from its attributes
+    alone (no weights); a missing one is a one-line UserError naming the file."""
+    with open_h5(path, KIND) as f:
+        text = f.attrs.get("config")
+    if text is None:
+        raise UserError(f"{path}: corrupted checkpoint (no config attribute)")
+    return text.decode() if isinstance(text, bytes) else str(text)
+
+
 def load(path: str | Path) -> dict[str, Any]:
     """{'attrs', 'weights': {name: array}, 'optimizer': {key: array}}; every
     problem is a one-line UserError naming the file."""

@@ -241,6 +241,21 @@ def test_damaged_checkpoint_is_a_one_line_error(tiny_run, tmp_path, how):
     assert words is None or words in msg, msg
 
 
+def test_a_checkpoints_config_alone_is_read_and_a_missing_one_is_one_line(tiny_run, tmp_path):
+    """checkpoint.config_text (what a --resume with generation.vllm_mode: auto
+    reads before the model loads): the config the run was written with, or a
+    one-line error naming the file."""
+    run_dir, trainer = tiny_run
+    assert config.loads(checkpoint.config_text(checkpoint.path_for(run_dir, 4))) == trainer.cfg
+    p = tmp_path / "gen-000004.h5"
+    shutil.copy(checkpoint.path_for(run_dir, 4), p)
+    with h5py.File(p, "a") as f:
+        del f.attrs["config"]
+    with pytest.raises(UserError) as ei:
+        checkpoint.config_text(p)
+    assert "no config attribute" in one_line_error(ei.value, p)
+
+
 def test_latest_skips_a_damaged_newest_checkpoint(tiny_run, tmp_path):
     run_dir, _ = tiny_run
     d = tmp_path / "run"

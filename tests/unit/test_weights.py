@@ -138,12 +138,12 @@ def test_update_reads_the_device_once_whatever_the_block_count(monkeypatch):
     assert reads.count("cpu") == 1 and len(reads) <= 4, reads
 
 
-def _two_weights(dtype, **kw):
+def _two_weights(dtype):
     """The same model's Weights twice: master resident, and master streamed
     through the device scratch (the path of a pinned host master, taken on
     the CPU with stream_master=True)."""
     a, b = _multi_block_model(), _multi_block_model()
-    return (Weights(a, dtype), Weights(b, dtype, stream_master=True, **kw)), (a, b)
+    return (Weights(a, dtype), Weights(b, dtype, stream_master=True)), (a, b)
 
 
 def test_a_streamed_master_gives_the_resident_masters_members_and_updates_bitwise():
