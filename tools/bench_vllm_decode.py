@@ -6,12 +6,14 @@ every row decoding to the limit (EOS ignored).
         --rows 128 --threads 1 [--backends hf,vllm,vllm-compiled] [--short 8 --long 64] [--repeat 3]
 
 Every backend is opened in this process (`vllm` is the eager engine,
-`vllm-compiled` the compiled one: generation.vllm_mode), then timed in
+`vllm-compiled` the compiled one: generation.vllm_mode; `plain` is what a
+user would otherwise run, a plain greedy HF `model.generate` of the whole
+tile on the model loaded straight by `from_pretrained`), then timed in
 rounds, the backends in turn in each round.  Prints per round and backend the
 seconds for each length and tokens/s of the difference (rows x (long -
 short) / (t_long - t_short)), then per backend its start-up and median, and
 the median of the per-round ratios (vllm/hf, vllm-compiled/hf,
-vllm-compiled/vllm).
+vllm-compiled/vllm, and each against plain).
 """
 from __future__ import annotations
 
@@ -23,6 +25,21 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+class PlainGenerate:
+    """The baseline a user would run: HF `model.generate`, one batch, greedy."""
+
+    def __init__(self, model, tok):
+        self.model, self.tok = model, tok
+
+    def decode(self, texts, max_new_tokens, ignore_eos=False):
+        from types import SimpleNamespace
+
+        from es_mpi.commands.bench import plain_generate
+
+        ids, _ = plain_generate(self.model, self.tok, list(texts), max_new_tokens, ignore_eos=ignore_eos)
+        return [SimpleNamespace(n_tokens=len(x)) for x in ids]
 
 
 def main() -> None:
@@ -64,6 +81,9 @@ def main() -> None:
             mode = "compiled" if name == "vllm-compiled" else "eager"
             bes[name] = VLLMBackend.open(config_mod.with_value(cfg, "generation.vllm_mode", mode), folder, model,
                                          tok, device, comm, weights)
+        elif name == "plain":
+            from es_mpi.model import load_straight
+            bes[name] = PlainGenerate(load_straight(folder, cfg.model.dtype, device, weights.master), tok)
         else:
             bes[name] = HFBackend(model, tok)
         opened[name] = time.perf_counter() - t0
@@ -86,7 +106,7 @@ def main() -> None:
     if a.writes:
         from es_mpi.engine.noise import NoiseSource, member_noise
         noise = NoiseSource(0, device)
-        for name in names:
+        for name in (n for n in names if n != "plain"):   # plain generate has no members
             tw = []
             for m in range(a.writes):   # hf: into the HF model; vllm: from the master into the engine
                 t0 = time.perf_counter()
@@ -102,7 +122,8 @@ def main() -> None:
     for name in names:
         print(name, json.dumps(dict(open_s=round(opened[name], 2), tokens_per_s=[round(x, 1) for x in rates[name]],
                                     median_tokens_per_s=round(med(rates[name]), 1))), flush=True)
-    pairs = [(n, "hf") for n in ("vllm", "vllm-compiled")] + [("vllm-compiled", "vllm")]
+    pairs = ([(n, "hf") for n in ("vllm", "vllm-compiled")] + [("vllm-compiled", "vllm")]
+             + [(n, "plain") for n in ("hf", "vllm", "vllm-compiled")])
     for x, y in pairs:
         if x in rates and y in rates:
             per_round = [u / v for u, v in zip(rates[x], rates[y])]

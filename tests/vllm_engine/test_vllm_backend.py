@@ -298,12 +298,12 @@ def test_a_compiled_engine_sees_every_write_and_decodes_as_the_eager_one(eng, fo
 
 def test_the_decode_bench_tool_runs_hf_and_vllm_in_turn(cache_dir):
     """tools/bench_vllm_decode.py (the figures in docs/PERFORMANCE.md), at a
-    tiny size: both backends open, one round times each, the ratio and the
-    member-write costs are printed."""
+    tiny size: both backends and plain HF generate open, one round times
+    each, the ratios and the member-write costs (not plain's) are printed."""
     r = run([sys.executable, str(ROOT / "tools" / "bench_vllm_decode.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
              "--rows", "4", "--short", "1", "--long", "3", "--repeat", "1", "--writes", "1",
-             "--backends", "hf,vllm"], timeout=300, ES_MPI_CACHE=str(cache_dir))
+             "--backends", "hf,vllm,plain"], timeout=300, ES_MPI_CACHE=str(cache_dir))
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "round 1 hf:" in r.stdout and "round 1 vllm:" in r.stdout
-    assert "vllm/hf decode speed ratio: median" in r.stdout
+    assert "round 1 hf:" in r.stdout and "round 1 vllm:" in r.stdout and "round 1 plain:" in r.stdout
+    assert "vllm/hf decode speed ratio: median" in r.stdout and "vllm/plain decode speed ratio: median" in r.stdout
     assert r.stdout.count("member write s (t_materialise)") == 2
